@@ -1,0 +1,1 @@
+"""Benchmark plugins, one module per protocol."""
