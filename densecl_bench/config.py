@@ -37,21 +37,31 @@ def find(name_or_path: str | Path, kind: str) -> Path:
                       f"of that name; known: {', '.join(known) or 'none'})")
 
 
-def load(name_or_path: str | Path, kind: str, profile: str | None = None) -> dict[str, Any]:
-    """Load a config and apply `profile`'s overrides (deeply merged); returns a plain dict."""
-    path = find(name_or_path, kind)
+def _read(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    profiles = raw.pop("profiles", None) or {}
+    return raw
+
+
+def profiles(name_or_path: str | Path, kind: str) -> set[str]:
+    """The profile names a config offers (besides `full`, the config as written)."""
+    return set((_read(find(name_or_path, kind)).get("profiles") or {}).keys())
+
+
+def load(name_or_path: str | Path, kind: str, profile: str | None = None) -> dict[str, Any]:
+    """Load a config and apply `profile`'s overrides (deeply merged); returns a plain dict."""
+    path = find(name_or_path, kind)
+    raw = _read(path)
+    offered = raw.pop("profiles", None) or {}
     cfg = copy.deepcopy(raw)
     if profile is not None and profile != "full":
-        if profile not in profiles:
-            raise ConfigError(f"{path}: no profile {profile!r} (profiles: {', '.join(profiles) or 'none'})")
-        cfg = merge(cfg, profiles[profile])
+        if profile not in offered:
+            raise ConfigError(f"{path}: no profile {profile!r} (profiles: {', '.join(offered) or 'none'})")
+        cfg = merge(cfg, offered[profile])
     cfg["_config"] = path.stem
     cfg["_profile"] = profile or "full"
     return cfg

@@ -1,0 +1,222 @@
+"""The `densecl-bench` command. Thin: it parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from densecl_bench import __version__
+
+PathArg = click.Path(path_type=Path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="densecl-bench")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """DenseCL pretraining and the classic self-supervised transfer benchmark suite."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _fail(err: Exception) -> None:
+    click.echo(f"error: {err}", err=True)
+    sys.exit(2)
+
+
+# ---------------------------------------------------------------- checkpoints
+@main.command()
+@click.argument("ckpt")
+@click.option("--arch", help="resnet18/34/50/101; inferred from the tensor shapes when omitted.")
+@click.option("--allow-partial", is_flag=True, help="Load even if backbone tensors are missing (loudly).")
+def inspect(ckpt: str, arch: str | None, allow_partial: bool) -> None:
+    """Detect a checkpoint's layout and check that every backbone tensor is there."""
+    from densecl_bench.checkpoint import CheckpointError, describe, load_checkpoint
+
+    try:
+        click.echo(describe(load_checkpoint(ckpt, arch=arch, allow_partial=allow_partial)))
+    except CheckpointError as err:
+        _fail(err)
+
+
+@main.command()
+@click.argument("src")
+@click.option("--to", "fmt", type=click.Choice(["detectron2", "torchvision", "mmcv"]), default=None,
+              help="Target layout (detectron2 .pkl, plain torchvision state dict, mmcv/mmseg `state_dict`).")
+@click.option("-o", "--output", type=PathArg, required=True)
+@click.option("--extract-backbone", is_flag=True, help="Write the extracted-backbone file (MMSelfSup layout).")
+@click.option("--arch")
+@click.option("--allow-partial", is_flag=True)
+def convert(src: str, fmt: str | None, output: Path, extract_backbone: bool, arch: str | None,
+            allow_partial: bool) -> None:
+    """Convert a checkpoint to another layout (detectron2, torchvision, mmcv)."""
+    from densecl_bench.checkpoint import CheckpointError
+    from densecl_bench.checkpoint import convert as convert_checkpoint
+
+    if fmt is None and not extract_backbone:
+        _fail(click.UsageError("give --to FORMAT or --extract-backbone"))
+    try:
+        convert_checkpoint(src, fmt, output, extract_backbone=extract_backbone, arch=arch, allow_partial=allow_partial)
+    except CheckpointError as err:
+        _fail(err)
+    click.echo(f"wrote {output}")
+
+
+# ---------------------------------------------------------------- data
+@main.group()
+def data() -> None:
+    """Demo datasets and data-root checks."""
+
+
+@data.command("demo")
+@click.option("--root", type=PathArg, default=None, help="Where to write (default: $DENSECL_BENCH_HOME/demo).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def data_demo(root: Path | None, seed: int) -> None:
+    """Write the embedded demo datasets (deterministic) in the real on-disk layouts."""
+    from densecl_bench.data.demo import ensure_demo
+
+    click.echo(f"demo datasets at {ensure_demo(root, seed=seed)}")
+
+
+@data.command("check")
+@click.option("--root", type=PathArg, required=True, help="The data root (VOCdevkit/, coco/, imagenet/, Places205/).")
+def data_check(root: Path) -> None:
+    """Validate the dataset layouts under a data root and name what is missing."""
+    from densecl_bench.data.layout import check_data_root, format_report
+
+    statuses = check_data_root(root)
+    click.echo(format_report(statuses))
+    sys.exit(0 if any(s.ok for s in statuses) else 1)
+
+
+# ---------------------------------------------------------------- features
+@main.command()
+@click.option("--ckpt", required=True, help="Checkpoint file, or `random` for a seeded random init.")
+@click.option("--dataset", type=click.Choice(["voc07", "imagenet", "places205"]), required=True)
+@click.option("--split", required=True)
+@click.option("--layers", default="feature1-5", show_default=True)
+@click.option("--data-root", type=PathArg, default=None, help="Default: the embedded demo datasets.")
+@click.option("--pooling", type=click.Choice(["protocol", "adaptive", "global"]), default=None)
+@click.option("--size", type=int, default=None, help="Input size (224 for real data, 96 for the demo).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--device", default=None)
+def extract(ckpt: str, dataset: str, split: str, layers: str, data_root: Path | None, pooling: str | None,
+            size: int | None, batch_size: int, workers: int, device: str | None) -> None:
+    """Extract pooled features into the on-disk cache (a second call is a cache hit)."""
+    from densecl_bench.backbone import parse_layers
+    from densecl_bench.runner import extract_dataset
+
+    out = extract_dataset(ckpt, dataset, split, parse_layers(layers), data_root=data_root, pooling=pooling, size=size,
+                          batch_size=batch_size, num_workers=workers, device=device)
+    for layer, (path, shape) in out.items():
+        click.echo(f"{layer}: {shape[0]} x {shape[1]}  {path}")
+
+
+# ---------------------------------------------------------------- benchmarks
+@main.command()
+@click.argument("benchmarks", nargs=-1, required=True)
+@click.option("--ckpt", required=True, help="Checkpoint file, or `random` for a seeded random init.")
+@click.option("--data-root", type=PathArg, default=None, help="Default: the embedded demo datasets.")
+@click.option("--runs-dir", type=PathArg, default=Path("runs"), show_default=True)
+@click.option("--run-id", default=None, help="Default: <label>-<sha8>-<profile>; re-running it resumes.")
+@click.option("--label", default=None, help="Table row label (default: the pretraining config name).")
+@click.option("--profile", default=None, help="Config profile (default: demo without a data root, else full).")
+@click.option("--trials", type=int, default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--arch", default=None)
+@click.option("--allow-partial", is_flag=True)
+@click.option("--device", default=None)
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--skip-bad-images", is_flag=True, help="Skip and count unreadable images instead of failing.")
+def run(benchmarks: tuple[str, ...], ckpt: str, data_root: Path | None, runs_dir: Path, run_id: str | None,
+        label: str | None, profile: str | None, trials: int, seed: int, arch: str | None, allow_partial: bool,
+        device: str | None, workers: int, skip_bad_images: bool) -> None:
+    """Run benchmarks (`all`, or names such as voc07_svm knn) and print the model-zoo tables."""
+    from densecl_bench import dist
+    from densecl_bench.runner import run_suite
+    from densecl_bench.tables import render_run_dir
+
+    result = run_suite(list(benchmarks), ckpt, data_root=data_root, runs_dir=runs_dir, run_id=run_id, label=label,
+                       profile=profile, trials=trials, seed=seed, arch=arch, allow_partial=allow_partial,
+                       device=device, num_workers=workers, on_bad_image="skip" if skip_bad_images else "raise",
+                       echo=click.echo if dist.is_main() else (lambda *_: None))
+    if dist.is_main():
+        click.echo(f"\nrun: {result.run_dir}\n")
+        click.echo(render_run_dir(result.run_dir))
+    sys.exit(1 if result.failed else 0)
+
+
+@main.command("list")
+@click.option("--data-root", type=PathArg, default=None, help="Default: the embedded demo datasets.")
+def list_benchmarks(data_root: Path | None) -> None:
+    """Registered benchmarks, the table each feeds, and whether their data are found."""
+    from densecl_bench import registry
+    from densecl_bench.data.demo import ensure_demo
+
+    root = data_root or ensure_demo()
+    for name, cls in registry.available().items():
+        missing = [p for p in cls().required_data(root) if not p.exists()]
+        found = "data found" if not missing else f"no data at {missing[0]}"
+        aliases = f" (aliases: {', '.join(cls.aliases)})" if cls.aliases else ""
+        click.echo(f"{name}{aliases}\n    table: {cls.table}\n    config: {cls.config}\n    {found}")
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, type=PathArg, required=True)
+@click.option("-o", "--output", type=PathArg, default=None, help="Also write the markdown here.")
+def table(run_dirs: tuple[Path, ...], output: Path | None) -> None:
+    """Regenerate the markdown model-zoo tables from one or more runs (side by side, with deltas)."""
+    from densecl_bench.paths import atomic_write_text
+    from densecl_bench.results import Ledger
+    from densecl_bench.tables import render
+
+    for d in run_dirs:
+        if not (d / "ledger.jsonl").exists():
+            _fail(FileNotFoundError(f"{d}: no ledger.jsonl (expected a run directory such as runs/<run-id>)"))
+    text = render([Ledger(d).records() for d in run_dirs])
+    click.echo(text)
+    if output:
+        atomic_write_text(output, text)
+
+
+@main.command()
+@click.argument("run_dir", type=PathArg)
+@click.option("--reference", type=PathArg, required=True, help="Reference numbers (JSON, model-zoo layout).")
+@click.option("--tolerances", type=PathArg, default=None, help="YAML of per-metric tolerances.")
+@click.option("--allow-missing", is_flag=True, help="A metric missing from the run is not a failure.")
+def regress(run_dir: Path, reference: Path, tolerances: Path | None, allow_missing: bool) -> None:
+    """Compare a run with reference numbers; exit 1 on any regression."""
+    from densecl_bench.regress import compare, load_tolerances
+    from densecl_bench.results import Ledger
+
+    if not (run_dir / "ledger.jsonl").exists():
+        _fail(FileNotFoundError(f"{run_dir}: no ledger.jsonl (expected a run directory such as runs/<run-id>)"))
+    report = compare(Ledger(run_dir).records(), reference,
+                     load_tolerances(tolerances) if tolerances else None, allow_missing=allow_missing)
+    click.echo(report.format())
+    sys.exit(0 if report.ok else 1)
+
+
+# ---------------------------------------------------------------- pretraining
+@main.command()
+@click.argument("config_file")
+@click.option("--data-root", type=PathArg, default=None, help="ImageNet-style folder (train/<class>/*).")
+@click.option("--work-dir", type=PathArg, default=None, help="Default: work_dirs/<config name>.")
+@click.option("--epochs", type=int, default=None, help="Stop after this many epochs (default: the config's).")
+@click.option("--no-resume", is_flag=True, help="Start from scratch even if a checkpoint exists.")
+@click.option("--device", default=None)
+def pretrain(config_file: str, data_root: Path | None, work_dir: Path | None, epochs: int | None, no_resume: bool,
+             device: str | None) -> None:
+    """Pretrain a ResNet-50 with DenseCL (resumable; torchrun for several GPUs)."""
+    from densecl_bench.pretrain import pretrain as run_pretrain
+
+    latest = run_pretrain(config_file, data_root=data_root, work_dir=work_dir, resume=not no_resume,
+                          max_epochs=epochs, device=device)
+    click.echo(f"latest checkpoint: {latest}")
+
+
+if __name__ == "__main__":
+    main()

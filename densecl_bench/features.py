@@ -1,0 +1,185 @@
+"""Batched feature extraction with per-layer pooling and an on-disk cache.
+
+One backbone pass fills every requested layer. Each (checkpoint, dataset, split, layer, pooling,
+transform, size) combination is one float32 `.npy` file, read back memory-mapped; it is written
+to a temporary name and renamed only when complete, so an interrupted extraction never leaves a
+file that looks finished. Under torchrun each rank extracts a contiguous shard and rank 0 merges.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from densecl_bench import dist
+from densecl_bench.backbone import Backbone, pool_feature
+from densecl_bench.data import transforms
+from densecl_bench.data.base import ImageList, ImageListDataset
+from densecl_bench.paths import atomic_path, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def cache_file(
+    cache_dir: Path, ckpt_key: str, image_list: ImageList, layer: str, pooling: str, transform: str, size: int
+) -> Path:
+    """The cache path of one layer's features; the name hashes everything that changes the numbers."""
+    listing = hashlib.sha256("\n".join(str(p) for p in image_list.paths).encode()).hexdigest()
+    key = json.dumps([ckpt_key, image_list.name, listing, layer, pooling, transform, size])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    safe_name = image_list.name.replace("/", "_")
+    return cache_dir / ckpt_key[:24] / safe_name / f"{layer}_{pooling}_{transform}{size}_{digest}.npy"
+
+
+def _loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int, device: torch.device):
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+@torch.inference_mode()
+def _extract_into(
+    backbone: Backbone,
+    dataset: torch.utils.data.Dataset,
+    name: str,
+    outputs: dict[str, np.ndarray],
+    pooling: str,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    offset: int = 0,
+) -> list[int]:
+    """Run the backbone over `dataset`, write pooled rows into `outputs[layer][index - offset]`.
+
+    Returns the indices of images that could not be read (zero rows, `on_bad_image: skip`).
+    """
+    layers = list(outputs)
+    cuda = device.type == "cuda"
+    if cuda:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    bad: list[int] = []
+    bar = tqdm(total=len(dataset), desc=f"extract {name}", unit="img", disable=None)
+    for images, index, ok in _loader(dataset, batch_size, num_workers, device):
+        images = images.to(device, non_blocking=True)
+        if cuda:
+            images = images.to(memory_format=torch.channels_last)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
+            feats = backbone(images, layers)
+        rows = (index - offset).numpy()
+        for layer in layers:
+            outputs[layer][rows] = pool_feature(feats[layer].float(), layer, pooling).cpu().numpy()
+        bad.extend(index[~ok].tolist())
+        bar.update(len(images))
+    bar.close()
+    return bad
+
+
+def extract(
+    backbone: Backbone,
+    image_list: ImageList,
+    *,
+    transform: str,
+    layers: Sequence[str],
+    pooling: str,
+    size: int = 224,
+    batch_size: int = 32,
+    num_workers: int = 2,
+    device: torch.device | str = "cpu",
+    cache_dir: Path,
+    ckpt_key: str,
+    on_bad_image: str = "raise",
+) -> dict[str, np.ndarray]:
+    """Pooled features of `image_list` per layer, shape (N, D) float32, memory-mapped from the cache.
+
+    A second call with the same arguments reads the cache and runs no forward pass.
+    """
+    device = torch.device(device)
+    files = {layer: cache_file(cache_dir, ckpt_key, image_list, layer, pooling, transform, size) for layer in layers}
+    todo = {layer: f for layer, f in files.items() if not f.exists()}
+    if todo:
+        dataset = ImageListDataset(image_list, transforms.build(transform, size), on_bad_image)
+        backbone.eval()
+        dims = _pooled_dims(backbone, dataset, list(todo), pooling, device)
+        if dist.world_size() > 1:
+            _extract_sharded(backbone, dataset, todo, dims, pooling, batch_size, num_workers, device)
+        else:
+            with _outputs(todo, len(dataset), dims) as outputs:
+                bad = _extract_into(backbone, dataset, image_list.name, outputs, pooling, batch_size,
+                                    num_workers, device)
+            _write_meta(todo, image_list, bad)
+    return {layer: np.load(files[layer], mmap_mode="r") for layer in layers}
+
+
+def _pooled_dims(backbone: Backbone, dataset: ImageListDataset, layers: Sequence[str], pooling: str,
+                 device: torch.device) -> dict[str, int]:
+    """Pooled dims per layer, from one blank image through the real transform and backbone."""
+    image = dataset.transform(Image.new("RGB", (256, 256))).unsqueeze(0).to(device)
+    with torch.inference_mode():
+        feats = backbone(image, layers)
+    return {layer: pool_feature(feats[layer].float(), layer, pooling).shape[1] for layer in layers}
+
+
+@contextlib.contextmanager
+def _outputs(files: dict[str, Path], n: int, dims: dict[str, int]) -> Iterator[dict[str, np.ndarray]]:
+    """Memory-mapped float32 outputs at temporary paths, renamed into place only on success."""
+    with contextlib.ExitStack() as stack:
+        outputs = {
+            layer: np.lib.format.open_memmap(stack.enter_context(atomic_path(f)), mode="w+", dtype=np.float32,
+                                             shape=(n, dims[layer]))
+            for layer, f in files.items()
+        }
+        yield outputs
+        for out in outputs.values():
+            out.flush()
+        outputs.clear()
+
+
+def _extract_sharded(backbone, dataset, files: dict[str, Path], dims: dict[str, int], pooling, batch_size,
+                     num_workers, device) -> None:
+    """Each rank extracts rows [start, stop) into its own part file; rank 0 concatenates them."""
+    n, world, rank = len(dataset), dist.world_size(), dist.rank()
+    bounds = [n * r // world for r in range(world + 1)]
+    shard = torch.utils.data.Subset(dataset, range(bounds[rank], bounds[rank + 1]))
+    parts = {layer: f.with_suffix(f".part{rank}.npy") for layer, f in files.items()}
+    with _outputs(parts, len(shard), dims) as outputs:
+        bad = _extract_into(backbone, shard, dataset.image_list.name, outputs, pooling, batch_size, num_workers,
+                            device, offset=bounds[rank])
+    atomic_write_json(next(iter(parts.values())).with_suffix(".bad.json"), bad)
+    dist.barrier()
+    if dist.is_main():
+        bad_all: list[int] = []
+        with _outputs(files, n, dims) as outputs:
+            for r in range(world):
+                for layer, final in files.items():
+                    part = final.with_suffix(f".part{r}.npy")
+                    outputs[layer][bounds[r] : bounds[r + 1]] = np.load(part, mmap_mode="r")
+                    part.unlink()
+                bad_file = next(iter(files.values())).with_suffix(f".part{r}.bad.json")
+                bad_all += json.loads(bad_file.read_text())
+                bad_file.unlink()
+        _write_meta(files, dataset.image_list, bad_all)
+    dist.barrier()
+
+
+def _write_meta(files: dict[str, Path], image_list: ImageList, bad: list[int]) -> None:
+    """A JSON sidecar per cache file: row count and the skipped (unreadable) images."""
+    if bad:
+        log.warning("%s: %d unreadable images were skipped (zero features), e.g. %s", image_list.name, len(bad),
+                    [str(image_list.paths[i]) for i in bad[:5]])
+    for f in files.values():
+        atomic_write_json(f.with_suffix(".json"), {"n": len(image_list), "bad_indices": sorted(bad)})

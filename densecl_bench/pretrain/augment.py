@@ -1,0 +1,102 @@
+"""MoCo v2 augmentations, two independent views per image, reproducible per sample.
+
+PROTOCOLS.md §1.2 (MMSelfSup 0.x `configs/selfsup/_base_/datasets/imagenet_mocov2.py`; DCL
+`configs/selfsup/densecl/densecl_imagenet_200ep.py`).
+
+Each sample's randomness is seeded from (seed, epoch, index) rather than drawn from whatever state
+a worker process happens to be in. The views therefore do not depend on the number of loader
+workers or on which worker got the batch, and a run interrupted mid-epoch resumes on exactly the
+same views by skipping the batches it has already seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from torch import Tensor
+from torchvision import transforms as T
+
+from densecl_bench.data.base import ImageList, load_rgb
+from densecl_bench.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+class GaussianBlur:
+    """PIL Gaussian blur with sigma ~ U(0.1, 2.0), applied with probability p (MMSS-0.x `GaussianBlur`).
+
+    Draws from torch's RNG (like the torchvision ops around it), so one seed fixes a whole view.
+    """
+
+    def __init__(self, sigma_min: float = 0.1, sigma_max: float = 2.0, p: float = 0.5) -> None:
+        self.sigma_min, self.sigma_max, self.p = sigma_min, sigma_max, p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if torch.rand(()).item() >= self.p:
+            return img
+        sigma = torch.empty(()).uniform_(self.sigma_min, self.sigma_max).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+    def __repr__(self) -> str:
+        return f"GaussianBlur(sigma=({self.sigma_min}, {self.sigma_max}), p={self.p})"
+
+
+def mocov2(size: int = 224) -> T.Compose:
+    """One MoCo v2 view (§1.2): RRC(0.2-1) -> ColorJitter p0.8 -> Gray p0.2 -> Blur p0.5 -> Flip -> Normalize."""
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        GaussianBlur(0.1, 2.0, p=0.5),
+        T.RandomHorizontalFlip(p=0.5),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one sample of one epoch."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class TwoViewDataset(torch.utils.data.Dataset):
+    """Yields (view_q, view_k) of `image_list[index]`; indexed by (index, epoch) pairs from `EpochSampler`.
+
+    The views are drawn inside a forked torch RNG seeded by `sample_seed`, so the caller's RNG state
+    is left untouched (the main process stays deterministic with num_workers=0 too).
+    """
+
+    def __init__(self, image_list: ImageList, transform: Callable[[Image.Image], Tensor], seed: int = 0) -> None:
+        self.image_list, self.transform, self.seed = image_list, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.image_list)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        index, epoch = item
+        img = load_rgb(self.image_list.paths[index])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.transform(img), self.transform(img)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This rank's (index, epoch) pairs for one epoch: a seeded permutation, cut to whole global
+    batches (drop_last, as the reference), dealt round-robin to the ranks (like DistributedSampler),
+    starting after `skip` of this rank's samples (a resumed mid-epoch run)."""
+
+    def __init__(self, n: int, batch_size: int, epoch: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, skip: int = 0) -> None:
+        self.n, self.batch_size, self.epoch, self.seed = n, batch_size, epoch, seed
+        self.rank, self.world_size, self.skip = rank, world_size, skip
+        self.per_rank = (n // (batch_size * world_size)) * batch_size
+
+    def __len__(self) -> int:
+        return max(self.per_rank - self.skip, 0)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.n, generator=g)[: self.per_rank * self.world_size]
+        mine = perm[self.rank :: self.world_size][self.skip :]
+        return iter([(int(i), self.epoch) for i in mine])

@@ -1,0 +1,39 @@
+"""Benchmark discovery through the `densecl_bench.benchmarks` entry-point group.
+
+Built-ins are declared in this package's pyproject.toml exactly as a third-party package would
+declare its own, so `run all` treats both alike.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+from densecl_bench.benchmarks.base import Benchmark
+
+GROUP = "densecl_bench.benchmarks"
+
+
+def available() -> dict[str, type[Benchmark]]:
+    """Every registered benchmark class by canonical name, in registration order."""
+    found: dict[str, type[Benchmark]] = {}
+    for ep in entry_points(group=GROUP):
+        cls = ep.load()
+        if not (isinstance(cls, type) and issubclass(cls, Benchmark)):
+            raise TypeError(f"entry point {ep.name} = {ep.value} is not a Benchmark subclass")
+        found[cls.name] = cls
+    return found
+
+
+def resolve(names: list[str]) -> list[type[Benchmark]]:
+    """Map command-line names (canonical, alias, or `all`) to benchmark classes, keeping order."""
+    registry = available()
+    by_alias = {alias: cls for cls in registry.values() for alias in (cls.name, *cls.aliases)}
+    if "all" in names:
+        return list(registry.values())
+    chosen: list[type[Benchmark]] = []
+    for name in names:
+        if name not in by_alias:
+            raise KeyError(f"unknown benchmark {name!r}; registered: {', '.join(sorted(by_alias))}")
+        if by_alias[name] not in chosen:
+            chosen.append(by_alias[name])
+    return chosen
