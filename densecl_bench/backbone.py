@@ -109,13 +109,14 @@ def pool_feature(x: Tensor, layer: str, pooling: str = "protocol") -> Tensor:
         return x.mean(dim=(2, 3))
     if pooling == "protocol":
         k, s, p = PROTOCOL_POOL[layer]
-        y = F.avg_pool2d(x, kernel_size=k, stride=s, padding=p, count_include_pad=True)
         grid = POOL_GRID[layer]
-        if y.shape[-2:] != (grid, grid):
+        out = tuple((n + 2 * p - k) // s + 1 for n in x.shape[-2:])
+        if out != (grid, grid):
             raise ValueError(
-                f"{layer}: protocol pooling gives a {tuple(y.shape[-2:])} grid, expected {grid}x{grid}; "
-                "the protocol pooling needs 224 px inputs (use pooling 'adaptive' for other sizes)"
+                f"{layer}: protocol pooling of a {tuple(x.shape[-2:])} map gives a {out} grid, expected "
+                f"{grid}x{grid}; the protocol pooling needs 224 px inputs (use pooling 'adaptive' for other sizes)"
             )
+        y = F.avg_pool2d(x, kernel_size=k, stride=s, padding=p, count_include_pad=True)
     elif pooling == "adaptive":
         y = F.adaptive_avg_pool2d(x, POOL_GRID[layer])
     else:

@@ -21,7 +21,7 @@ def available() -> dict[str, type[Benchmark]]:
         if not (isinstance(cls, type) and issubclass(cls, Benchmark)):
             raise TypeError(f"entry point {ep.name} = {ep.value} is not a Benchmark subclass")
         found[cls.name] = cls
-    return found
+    return dict(sorted(found.items(), key=lambda item: (item[1].order, item[0])))
 
 
 def resolve(names: list[str]) -> list[type[Benchmark]]:

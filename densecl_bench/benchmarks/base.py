@@ -91,6 +91,7 @@ class Benchmark(ABC):
     aliases: ClassVar[tuple[str, ...]] = ()  # short names accepted on the command line
     table: ClassVar[str]  # the model-zoo table it feeds
     config: ClassVar[str]  # config name in benchmarks/
+    order: ClassVar[int] = 100  # position in `run all` and `list` (the model-zoo page's table order)
 
     @abstractmethod
     def required_data(self, data_root: Path) -> list[Path]:

@@ -20,6 +20,7 @@ class ImagenetKnn(Benchmark):
     aliases = ("knn",)
     table = "ImageNet Nearest-Neighbor Classification"
     config = "knn_imagenet"
+    order = 40
 
     def required_data(self, data_root: Path) -> list[Path]:
         return [data_root / "imagenet" / "train", data_root / "imagenet" / "val"]
