@@ -165,18 +165,19 @@ def list_benchmarks(data_root: Path | None) -> None:
 
 
 @main.command()
-@click.argument("run_dirs", nargs=-1, type=PathArg, required=True)
+@click.argument("runs", nargs=-1, type=PathArg, required=True)
 @click.option("-o", "--output", type=PathArg, default=None, help="Also write the markdown here.")
-def table(run_dirs: tuple[Path, ...], output: Path | None) -> None:
-    """Regenerate the markdown model-zoo tables from one or more runs (side by side, with deltas)."""
+@click.option("--skip-empty", is_flag=True, help="Leave out tables with no numbers.")
+def table(runs: tuple[Path, ...], output: Path | None, skip_empty: bool) -> None:
+    """Regenerate the markdown model-zoo tables from runs (or reference JSONs), side by side with deltas."""
     from densecl_bench.paths import atomic_write_text
-    from densecl_bench.results import Ledger
-    from densecl_bench.tables import render
+    from densecl_bench.tables import render_run_dir
 
-    for d in run_dirs:
-        if not (d / "ledger.jsonl").exists():
-            _fail(FileNotFoundError(f"{d}: no ledger.jsonl (expected a run directory such as runs/<run-id>)"))
-    text = render([Ledger(d).records() for d in run_dirs])
+    for path in runs:
+        if path.suffix != ".json" and not (path / "ledger.jsonl").exists():
+            _fail(FileNotFoundError(f"{path}: no ledger.jsonl (expected a run directory such as runs/<run-id>, "
+                                    "or a reference .json)"))
+    text = render_run_dir(*runs, skip_empty=skip_empty)
     click.echo(text)
     if output:
         atomic_write_text(output, text)
@@ -187,15 +188,19 @@ def table(run_dirs: tuple[Path, ...], output: Path | None) -> None:
 @click.option("--reference", type=PathArg, required=True, help="Reference numbers (JSON, model-zoo layout).")
 @click.option("--tolerances", type=PathArg, default=None, help="YAML of per-metric tolerances.")
 @click.option("--allow-missing", is_flag=True, help="A metric missing from the run is not a failure.")
-def regress(run_dir: Path, reference: Path, tolerances: Path | None, allow_missing: bool) -> None:
+@click.option("--label", default=None, help="Which row of the run to check, when it holds several.")
+def regress(run_dir: Path, reference: Path, tolerances: Path | None, allow_missing: bool, label: str | None) -> None:
     """Compare a run with reference numbers; exit 1 on any regression."""
     from densecl_bench.regress import compare, load_tolerances
     from densecl_bench.results import Ledger
 
     if not (run_dir / "ledger.jsonl").exists():
         _fail(FileNotFoundError(f"{run_dir}: no ledger.jsonl (expected a run directory such as runs/<run-id>)"))
-    report = compare(Ledger(run_dir).records(), reference,
-                     load_tolerances(tolerances) if tolerances else None, allow_missing=allow_missing)
+    try:
+        report = compare(Ledger(run_dir).records(), reference, load_tolerances(tolerances) if tolerances else None,
+                         allow_missing=allow_missing, label=label)
+    except ValueError as err:
+        _fail(err)
     click.echo(report.format())
     sys.exit(0 if report.ok else 1)
 

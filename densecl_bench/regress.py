@@ -30,6 +30,8 @@ PASS, FAIL, MISSING, SKIPPED = "pass", "FAIL", "missing", "skipped: no reference
 
 @dataclass(frozen=True)
 class Tolerance:
+    """Allowed |measured - reference| in points; `sigma` (k) replaces `abs` by k·std when trials vary."""
+
     abs: float
     sigma: float | None = None
 
@@ -41,6 +43,8 @@ class Tolerance:
 
 @dataclass(frozen=True)
 class RegressRow:
+    """One metric's comparison; `failed` is what `RegressReport.ok` counts (an allowed miss is not)."""
+
     benchmark: str
     metric: str
     reference: float | str | None
@@ -55,6 +59,8 @@ class RegressRow:
 
 @dataclass(frozen=True)
 class RegressReport:
+    """The gate's answer: `ok` (the CLI exits 0) or not (exit 1), and the rows to print."""
+
     rows: list[RegressRow]
     label: str | None
     demo: bool
@@ -72,12 +78,14 @@ class RegressReport:
             text = num(r.measured)
             return f"{text} ± {r.std:.2f} (n={r.trials})" if r.std is not None else text
 
-        frame = pd.DataFrame(
-            [[f"{r.benchmark}.{r.metric}", num(r.reference), measured(r),
-              "" if r.delta is None else f"{r.delta:+.2f}", r.tolerance, r.verdict] for r in self.rows],
-            columns=["metric", "reference", "measured", "delta", "tolerance", "verdict"],
-        )
-        lines = [frame.to_string(index=False, justify="left")] if self.rows else ["(nothing to compare)"]
+        header = ["metric", "reference", "measured", "delta", "tolerance", "verdict"]
+        body = [[f"{r.benchmark}.{r.metric}", num(r.reference), measured(r),
+                 "" if r.delta is None else f"{r.delta:+.2f}", r.tolerance, r.verdict] for r in self.rows]
+        widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+        right = {1, 2, 3}  # numbers line up on the right, names and verdicts on the left
+        lines = ["  ".join(cell.rjust(w) if i in right else cell.ljust(w)
+                           for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+                 for row in [header, *body]]
         counts = pd.Series([r.verdict for r in self.rows], dtype=object).value_counts()
         summary = ", ".join(f"{n} {v}" for v, n in counts.items())
         lines.append(f"{'OK' if self.ok else 'REGRESSION'}: {summary or 'no rows'}"
