@@ -111,18 +111,21 @@ def _check_dirs(status: DatasetStatus, *names: str) -> bool:
     return good
 
 
-def _check_listed(status: DatasetStatus, list_file: Path, folder: Path, suffix: str) -> None:
-    """Every id in `list_file` must have `folder/<id><suffix>`; reports the count and a few missing ids."""
+def _check_listed(status: DatasetStatus, list_file: Path, *targets: tuple[str, str]) -> None:
+    """Every id in `list_file` must have `<folder>/<id><suffix>` for each (folder, suffix) target."""
     if not list_file.is_file():
         status.problem(f"missing file {list_file}")
         return
     ids = read_ids(list_file, status.name)
-    present = {n[: -len(suffix)] for n in os.listdir(folder) if n.endswith(suffix)} if folder.is_dir() else set()
-    missing = [i for i in ids if i not in present]
     status.found.append(f"{list_file.relative_to(status.path)}: {len(ids)} ids")
-    if missing and folder.is_dir():
-        status.problem(f"{len(missing)} of {len(ids)} ids in {list_file} have no {folder}/<id>{suffix} "
-                       f"(first: {', '.join(missing[:3])})")
+    for folder, suffix in targets:
+        if not (status.path / folder).is_dir():
+            continue  # reported once by _check_dirs
+        present = {n[: -len(suffix)] for n in os.listdir(status.path / folder) if n.endswith(suffix)}
+        missing = [i for i in ids if i not in present]
+        if missing:
+            status.problem(f"{len(missing)} of {len(ids)} ids in {list_file} have no "
+                           f"{status.path / folder}/<id>{suffix} (first: {', '.join(missing[:3])})")
 
 
 def _check_voc07(status: DatasetStatus) -> None:
@@ -132,8 +135,7 @@ def _check_voc07(status: DatasetStatus) -> None:
         return
     main = status.path / "ImageSets" / "Main"
     for split in ("trainval", "test"):
-        _check_listed(status, main / f"{split}.txt", status.path / "JPEGImages", ".jpg")
-        _check_listed(status, main / f"{split}.txt", status.path / "Annotations", ".xml")
+        _check_listed(status, main / f"{split}.txt", ("JPEGImages", ".jpg"), ("Annotations", ".xml"))
         absent = [c for c in VOC_CLASSES if not (main / f"{c}_{split}.txt").is_file()]
         if absent:
             status.problem(f"missing {len(absent)} class files {main}/<class>_{split}.txt (first: {absent[0]})")
@@ -144,8 +146,7 @@ def _check_voc12aug(status: DatasetStatus) -> None:
         return
     seg = status.path / "ImageSets" / "Segmentation"
     for split, masks in (("train", "SegmentationClass"), ("val", "SegmentationClass"), ("aug", "SegmentationClassAug")):
-        _check_listed(status, seg / f"{split}.txt", status.path / "JPEGImages", ".jpg")
-        _check_listed(status, seg / f"{split}.txt", status.path / masks, ".png")
+        _check_listed(status, seg / f"{split}.txt", ("JPEGImages", ".jpg"), (masks, ".png"))
 
 
 def _check_coco(status: DatasetStatus) -> None:

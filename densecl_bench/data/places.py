@@ -33,5 +33,6 @@ def places205(root: str | os.PathLike[str], split: str) -> ImageList:
     images = require_dir(root / PLACES_IMAGES, "places205")
     paths, labels = read_list_file(root / "trainvalsplit_places205" / f"{split}_places205.csv", images, "places205")
     n_classes = int(labels.max()) + 1 if len(labels) else 0
-    classes = _category_names(root, n_classes) or [str(i) for i in sorted(set(labels.tolist()))]
+    # without a category list the names are the label numbers, all of 0..max so that classes[label] holds
+    classes = _category_names(root, n_classes) or [str(i) for i in range(n_classes)]
     return ImageList(f"places205_{split}", root, paths, labels, classes)
