@@ -6,18 +6,24 @@ declare its own, so `run all` treats both alike.
 
 from __future__ import annotations
 
+import logging
 from importlib.metadata import entry_points
 
 from densecl_bench.benchmarks.base import Benchmark
 
 GROUP = "densecl_bench.benchmarks"
+log = logging.getLogger(__name__)
 
 
 def available() -> dict[str, type[Benchmark]]:
     """Every registered benchmark class by canonical name, in registration order."""
     found: dict[str, type[Benchmark]] = {}
     for ep in entry_points(group=GROUP):
-        cls = ep.load()
+        try:
+            cls = ep.load()
+        except Exception as err:  # a broken plugin package must not take the whole suite down
+            log.warning("benchmark plugin %s = %s failed to load: %s: %s", ep.name, ep.value, type(err).__name__, err)
+            continue
         if not (isinstance(cls, type) and issubclass(cls, Benchmark)):
             raise TypeError(f"entry point {ep.name} = {ep.value} is not a Benchmark subclass")
         found[cls.name] = cls

@@ -17,6 +17,7 @@ PROTOCOLS.md §1.4, §6.2 (what those files contain).
 
 from __future__ import annotations
 
+import codecs
 import pickle
 from collections import OrderedDict
 from pathlib import Path
@@ -41,6 +42,7 @@ _PKL_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("collections", "OrderedDict"): OrderedDict,
+    ("_codecs", "encode"): codecs.encode,  # how protocol-2 pickles written by Python 3 store bytes
 }
 
 # Globals inside torch files that are replaced by `InertStub`s instead of refused: bookkeeping
