@@ -12,6 +12,7 @@ beyond one block.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,7 +22,12 @@ from tqdm import tqdm
 
 
 def _as_tensor(x: np.ndarray | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+    """A tensor view of (possibly read-only, memory-mapped) features; never written to in place."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        t = torch.from_numpy(np.ascontiguousarray(x))
     return t.to(device=device, dtype=dtype)
 
 
