@@ -83,12 +83,16 @@ def data_demo(root: Path | None, seed: int) -> None:
 @data.command("check")
 @click.option("--root", type=PathArg, required=True, help="The data root (VOCdevkit/, coco/, imagenet/, Places205/).")
 def data_check(root: Path) -> None:
-    """Validate the dataset layouts under a data root and name what is missing."""
+    """Validate the dataset layouts under a data root and name what is missing.
+
+    Exits 1 when a dataset is present but broken, or when none is usable.
+    """
     from densecl_bench.data.layout import check_data_root, format_report
 
     statuses = check_data_root(root)
     click.echo(format_report(statuses))
-    sys.exit(0 if any(s.ok for s in statuses) else 1)
+    broken = [s for s in statuses if not s.ok and s.path.exists()]
+    sys.exit(1 if broken or not any(s.ok for s in statuses) else 0)
 
 
 # ---------------------------------------------------------------- features
