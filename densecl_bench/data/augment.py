@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torchvision import transforms as T
 
-from densecl_bench.data.transforms import IMAGENET_MEAN, IMAGENET_STD, _resize_for, center_crop
+from densecl_bench.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for, center_crop
 
 # AlexNet's PCA of ImageNet RGB pixels (Krizhevsky et al. 2012), the constants every Lighting uses.
 IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
@@ -68,7 +68,7 @@ def imagenet_linear(size: int = 224) -> T.Compose:
 
 def places205(size: int = 224) -> T.Compose:
     """Places205 train aug: Resize 256, CenterCrop 256, RandomCrop 224, HFlip."""
-    resize = _resize_for(size)
+    resize = resize_for(size)
     return T.Compose([
         T.Resize(resize),
         T.CenterCrop(resize),

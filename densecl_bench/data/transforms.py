@@ -12,7 +12,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _resize_for(size: int) -> int:
+def resize_for(size: int) -> int:
+    """The protocol resize (256 at 224 px) scaled to `size`."""
     return round(size * 256 / 224)
 
 
@@ -22,12 +23,12 @@ def normalize() -> T.Compose:
 
 def voc_svm(size: int = 224) -> T.Compose:
     """PROTOCOLS.md §2.2: shorter side to 256, then squash the whole image to 224x224 (no crop)."""
-    return T.Compose([T.Resize(_resize_for(size)), T.Resize((size, size)), normalize()])
+    return T.Compose([T.Resize(resize_for(size)), T.Resize((size, size)), normalize()])
 
 
 def center_crop(size: int = 224) -> T.Compose:
     """PROTOCOLS.md §4.2 test aug and §5 kNN: Resize 256 (shorter side), CenterCrop 224."""
-    return T.Compose([T.Resize(_resize_for(size)), T.CenterCrop(size), normalize()])
+    return T.Compose([T.Resize(resize_for(size)), T.CenterCrop(size), normalize()])
 
 
 TRANSFORMS = {"voc_svm": voc_svm, "center_crop": center_crop}

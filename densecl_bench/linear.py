@@ -1,0 +1,576 @@
+"""Linear probes on a frozen backbone: the multi-head (feature1..feature5) and the AvgPool linear.
+
+PROTOCOLS.md §4; MMSelfSup 0.x `_base_/models/resnet50_multihead.py`, `models/heads/multi_cls_head.py`,
+`models/heads/cls_head.py` and the configs `resnet50_mhead_linear-8xb32-steplr-90e_in1k`,
+`resnet50_mhead_8xb32-steplr-28e_places205`, `resnet50_linear-8xb32-steplr-100e_in1k`.
+
+One training loop serves every probe. The backbone runs once per batch in eval mode under
+`torch.inference_mode` (its BN statistics never move); every head reads the same forward. The loop
+is resumable (a checkpoint of heads + optimizer + epoch + RNG every epoch, written atomically),
+DDP-ready (torchrun), and reproducible across world sizes and worker counts: the sampler forms the
+same global batches for any world size and each sample's augmentation is seeded by (seed, epoch, index).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from tqdm import tqdm
+
+from densecl_bench import dist
+from densecl_bench.backbone import POOL_GRID, Backbone, freeze, parse_layers, pool_feature
+from densecl_bench.config import ConfigError, require
+from densecl_bench.data.augment import build_train
+from densecl_bench.data.base import ImageList, ImageListDataset
+from densecl_bench.data.transforms import build as build_eval
+from densecl_bench.paths import atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+HEAD_KINDS = ("multi", "avgpool")
+BATCH_POLICIES = ("accumulate", "scale_lr")
+BN_MOMENTUM = 0.1  # SyncBN(momentum=0.1, affine=False) in resnet50_multihead.py
+INIT_STD = 0.01  # Normal(0, 0.01) weights, zero bias, for both head kinds
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes and schedules
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One probe's protocol, read from a config (PROTOCOLS.md §4.2).
+
+    head: `multi` (per-layer pool -> BN(affine=False) -> Linear) or `avgpool` (global pool of
+    feature5 -> Linear, no BN). lr is the published LR for `total_batch_size` images per step.
+    Weight decay applies to every parameter: the reference's `norm_decay_mult=0` exempts BN
+    parameters, and the heads' BN has none (affine=False), so it changes nothing here.
+    """
+
+    head: str
+    layers: tuple[str, ...]
+    pooling: str
+    image_size: int
+    train_aug: str
+    test_aug: str
+    lr: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    lr_steps: tuple[int, ...]
+    lr_gamma: float
+    epochs: int
+    total_batch_size: int
+    batch_size_per_gpu: int
+    batch_policy: str
+    eval_interval: int
+    final_eval: bool
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> Recipe:
+        """Validate and read a resolved linear-probe config; errors name the config and the key."""
+        num = (int, float)
+        head = require(cfg, "head", str)
+        if head not in HEAD_KINDS:
+            raise ConfigError(f"config {cfg.get('_config', '?')}: head must be one of {HEAD_KINDS}, got {head!r}")
+        policy = require(cfg, "batch_policy", str)
+        if policy not in BATCH_POLICIES:
+            raise ConfigError(
+                f"config {cfg.get('_config', '?')}: batch_policy must be one of {BATCH_POLICIES}, got {policy!r}"
+            )
+        layers = tuple(parse_layers(require(cfg, "layers", (str, list))))
+        if head == "avgpool" and layers != ("feature5",):
+            raise ConfigError(f"config {cfg.get('_config', '?')}: the avgpool head reads feature5 only")
+        recipe = cls(
+            head=head,
+            layers=layers,
+            pooling=require(cfg, "pooling", str),
+            image_size=require(cfg, "image_size", int),
+            train_aug=require(cfg, "train_aug", str),
+            test_aug=require(cfg, "test_aug", str),
+            lr=float(require(cfg, "lr", num)),
+            momentum=float(require(cfg, "momentum", num)),
+            nesterov=require(cfg, "nesterov", bool),
+            weight_decay=float(require(cfg, "weight_decay", num)),
+            lr_steps=tuple(int(s) for s in require(cfg, "lr_steps", list)),
+            lr_gamma=float(require(cfg, "lr_gamma", num)),
+            epochs=require(cfg, "epochs", int),
+            total_batch_size=require(cfg, "total_batch_size", int),
+            batch_size_per_gpu=require(cfg, "batch_size_per_gpu", int),
+            batch_policy=policy,
+            eval_interval=require(cfg, "eval_interval", int),
+            final_eval=require(cfg, "final_eval", bool),
+        )
+        if recipe.head == "avgpool" and recipe.pooling != "global":
+            raise ConfigError(f"config {cfg.get('_config', '?')}: the avgpool head needs pooling 'global'")
+        return recipe
+
+
+def lr_at(base_lr: float, steps: Sequence[int], gamma: float, epoch: int) -> float:
+    """Step schedule by epoch (0-based), as MMCV's StepLrUpdaterHook(by_epoch=True):
+    base_lr * gamma ** (number of steps <= epoch). A step at or past the last epoch never fires."""
+    return base_lr * gamma ** sum(1 for s in steps if epoch >= s)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the published total batch is reached at this world size (recorded with every metric)."""
+
+    batch_policy: str
+    world_size: int
+    batch_size_per_gpu: int
+    accumulate_steps: int
+    images_per_step: int  # images behind one optimizer step
+    lr: float  # base LR actually used (scaled under `scale_lr`)
+    deviates: bool  # images_per_step differs from the recipe's total_batch_size
+
+
+def plan_batch(recipe: Recipe, world_size: int) -> BatchPlan:
+    """Keep the recipe's total batch by gradient accumulation, or scale the LR linearly.
+
+    `accumulate`: world_size * batch_size_per_gpu must divide total_batch_size; each optimizer step
+    then sees total_batch_size images (BN statistics are still per forward pass, as SyncBN over
+    one step's ranks). `scale_lr`: one forward per step, LR * images_per_step / total_batch_size.
+    """
+    per_pass = world_size * recipe.batch_size_per_gpu
+    if per_pass == recipe.total_batch_size:
+        accumulate, lr = 1, recipe.lr
+    elif recipe.batch_policy == "accumulate":
+        if per_pass > recipe.total_batch_size or recipe.total_batch_size % per_pass:
+            raise ConfigError(
+                f"batch_policy accumulate: {world_size} process(es) x {recipe.batch_size_per_gpu} per GPU "
+                f"= {per_pass} does not divide the total batch {recipe.total_batch_size}; change "
+                "batch_size_per_gpu or use batch_policy scale_lr"
+            )
+        accumulate, lr = recipe.total_batch_size // per_pass, recipe.lr
+    else:
+        accumulate, lr = 1, recipe.lr * per_pass / recipe.total_batch_size
+    images = per_pass * accumulate
+    plan = BatchPlan(
+        batch_policy=recipe.batch_policy,
+        world_size=world_size,
+        batch_size_per_gpu=recipe.batch_size_per_gpu,
+        accumulate_steps=accumulate,
+        images_per_step=images,
+        lr=lr,
+        deviates=per_pass != recipe.total_batch_size,
+    )
+    if plan.deviates and dist.is_main():
+        how = (
+            f"accumulating {accumulate} passes per step"
+            if accumulate > 1
+            else f"scaling the LR {recipe.lr:g} -> {lr:g}"
+        )
+        log.warning(
+            "the published recipe uses %d images per step; %d process(es) x %d per GPU = %d, so %s",
+            recipe.total_batch_size, world_size, recipe.batch_size_per_gpu, per_pass, how,
+        )
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads
+
+
+class StatsSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are reduced over all ranks: SyncBN for inputs without grad.
+
+    The reference uses SyncBN(affine=False). torch's SyncBatchNorm runs on GPU only; the probe's BN
+    input comes from the frozen backbone and needs no backward through the statistics, so one
+    all-reduce of (sum, sum of squares, count) gives SyncBN's exact result on any backend (gloo too).
+    Single-process, it is plain BatchNorm2d.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_dist()):
+            return super().forward(x)
+        if x.requires_grad:
+            raise RuntimeError("StatsSyncBatchNorm does not backpropagate through its statistics")
+        c = x.shape[1]
+        x64 = x.double()
+        stats = torch.cat([x64.sum((0, 2, 3)), (x64 * x64).sum((0, 2, 3)), x64.new_tensor([x.numel() // c])])
+        dist.all_reduce_sum(stats)
+        count = stats[-1]
+        mean = stats[:c] / count
+        var = (stats[c : 2 * c] / count - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+            unbiased = var * count / (count - 1).clamp_min(1)
+            self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+            self.num_batches_tracked.add_(1)
+        shape = (1, c, 1, 1)
+        return (x - mean.to(x.dtype).view(shape)) * torch.rsqrt(var + self.eps).to(x.dtype).view(shape)
+
+
+class ProbeHeads(nn.Module):
+    """One linear classifier per probed layer, all fed by one backbone forward.
+
+    multi (norm=True): pooled map (C x g x g) -> BN over C (affine=False, momentum 0.1) -> flatten
+    -> Linear(C*g*g, classes), as MultiClsHead. avgpool (pooling 'global', norm=False): Linear(C, classes).
+    """
+
+    def __init__(
+        self,
+        channels: Mapping[str, int],
+        layers: Sequence[str],
+        num_classes: int,
+        pooling: str,
+        norm: bool,
+    ) -> None:
+        super().__init__()
+        self.layers = tuple(layers)
+        self.pooling = pooling
+        self.channels = {name: channels[name] for name in self.layers}
+        self.grid = {name: 1 if pooling == "global" else POOL_GRID[name] for name in self.layers}
+        self.norms = nn.ModuleDict({
+            name: StatsSyncBatchNorm(self.channels[name], momentum=BN_MOMENTUM, affine=False) if norm else nn.Identity()
+            for name in self.layers
+        })
+        self.fcs = nn.ModuleDict({name: nn.Linear(self.dim(name), num_classes) for name in self.layers})
+        for fc in self.fcs.values():
+            nn.init.normal_(fc.weight, std=INIT_STD)
+            nn.init.zeros_(fc.bias)
+
+    def dim(self, layer: str) -> int:
+        """Input dim of a head's Linear (9216/9216/8192/9216/8192 for ResNet-50's multi-head)."""
+        return self.channels[layer] * self.grid[layer] ** 2
+
+    def pool(self, feats: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Pool each feature map to its (N, C, g, g) grid (PROTOCOLS.md §2.2 kernels, or adaptive/global)."""
+        out = {}
+        for name in self.layers:
+            flat = pool_feature(feats[name], name, self.pooling)
+            out[name] = flat.view(flat.shape[0], self.channels[name], self.grid[name], self.grid[name])
+        return out
+
+    def forward(self, pooled: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {name: self.fcs[name](self.norms[name](pooled[name]).flatten(1)) for name in self.layers}
+
+
+def build_heads(recipe: Recipe, backbone: Backbone, num_classes: int, seed: int) -> ProbeHeads:
+    """Heads initialised from `seed` alone (the global RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ProbeHeads(backbone.channels, recipe.layers, num_classes, recipe.pooling, norm=recipe.head == "multi")
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared forward, loss and evaluation
+
+
+class Probe:
+    """A frozen backbone and the heads trained on it; `model` is the heads, DDP-wrapped when distributed."""
+
+    def __init__(self, backbone: Backbone, heads: ProbeHeads, device: torch.device) -> None:
+        self.backbone = freeze(backbone).to(device)
+        self.heads = heads.to(device)
+        self.device = device
+        if self.fast:
+            self.backbone.to(memory_format=torch.channels_last)
+        self.model: nn.Module = self.heads
+        if dist.is_dist():
+            ids = [device.index] if device.type == "cuda" else None
+            # BN statistics are synchronised by StatsSyncBatchNorm itself, not by broadcasting buffers
+            self.model = nn.parallel.DistributedDataParallel(self.heads, device_ids=ids, broadcast_buffers=False)
+
+    @property
+    def fast(self) -> bool:
+        """bf16 autocast and channels_last: CUDA only (CPU keeps float32 and the default layout)."""
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.fast else nullcontext()
+
+    def pooled(self, images: Tensor) -> dict[str, Tensor]:
+        """One backbone pass in inference mode (no graph, BN in eval), pooled for every head."""
+        images = images.to(self.device, non_blocking=True)
+        if self.fast:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self.autocast(), torch.inference_mode():
+            return self.heads.pool(self.backbone(images, self.heads.layers))
+
+    def loss(self, images: Tensor, labels: Tensor, ok: Tensor) -> Tensor:
+        """Sum over heads of the mean cross-entropy (unreadable images, ok=False, are left out)."""
+        # inference tensors cannot enter autograd; the pooled maps are small, so copy them out
+        pooled = {name: t.float().clone() for name, t in self.pooled(images).items()}
+        with self.autocast():
+            logits = self.model(pooled)
+        weight = ok.to(self.device, torch.float32)
+        total = weight.sum().clamp_min(1)
+        return sum(
+            (F.cross_entropy(out.float(), labels, reduction="none") * weight).sum() / total
+            for out in logits.values()
+        )
+
+
+@torch.inference_mode()
+def evaluate(probe: Probe, loader: DataLoader, labels: Tensor, progress: bool | None = None) -> dict[str, dict[str, float]]:
+    """Top-1 / top-5 accuracy (percent) per head over every rank's shard of the evaluation set."""
+    probe.heads.eval()
+    layers = probe.heads.layers
+    correct = torch.zeros(2, len(layers), dtype=torch.float64, device=probe.device)
+    count = torch.zeros(1, dtype=torch.float64, device=probe.device)
+    for images, index, ok in tqdm(loader, desc="eval", leave=False, disable=_disable(progress)):
+        keep = ok.to(probe.device)
+        y = labels[index.to(labels.device)]
+        with probe.autocast():
+            out = probe.heads(probe.pooled(images))
+        for j, name in enumerate(layers):
+            k = min(5, out[name].shape[1])
+            top = out[name].float().topk(k, dim=1).indices
+            hit = top.eq(y[:, None])
+            correct[0, j] += (hit[:, 0] & keep).sum()
+            correct[1, j] += (hit.any(1) & keep).sum()
+        count += keep.sum()
+    dist.all_reduce_sum(correct)
+    dist.all_reduce_sum(count)
+    acc = (100.0 * correct / count.clamp_min(1)).tolist()
+    return {"top1": dict(zip(layers, acc[0])), "top5": dict(zip(layers, acc[1]))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+class SeededDataset(Dataset):
+    """Seeds torch's RNG from (seed, epoch, index) around each item.
+
+    Each sample's augmentation then depends on nothing else: not the worker count, not the world
+    size, not whether the run was resumed.
+    """
+
+    def __init__(self, base: Dataset, seed: int) -> None:
+        self.base, self.seed, self.epoch = base, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * len(self.base) + index) % 2**63)
+            return self.base[index]
+
+
+def _loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device, sampler=None) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=False,
+    )
+
+
+def _disable(progress: bool | None) -> bool | None:
+    """tqdm's `disable`: only rank 0 shows bars; None = auto (hidden when not a terminal)."""
+    if not dist.is_main():
+        return True
+    return None if progress is None else not progress
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class ProbeResult:
+    """Final accuracies per head (percent) and the record of how they were obtained."""
+
+    top1: dict[str, float]
+    top5: dict[str, float]
+    evaluated_epoch: int
+    plan: BatchPlan
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_epoch: int = 0
+
+    def extra(self, layer: str) -> dict[str, Any]:
+        """What the ledger keeps beside a head's top-1: its top-5 and the batch plan (policy, LR, steps)."""
+        return {
+            "top5": self.top5[layer],
+            "evaluated_epoch": self.evaluated_epoch,
+            **{k: v for k, v in asdict(self.plan).items() if k != "deviates"},
+        }
+
+
+def _rng_state(device: torch.device) -> dict[str, Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _load_resume(path: Path, key: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("key") != key:
+        if dist.is_main():
+            log.warning("%s belongs to another checkpoint/config/seed; starting this probe afresh", path)
+        return None
+    return state
+
+
+def train_probe(
+    backbone: Backbone,
+    recipe: Recipe,
+    train_list: ImageList,
+    val_list: ImageList,
+    ckpt_path: Path,
+    *,
+    device: torch.device,
+    key: str = "",
+    seed: int = 0,
+    num_workers: int = 2,
+    on_bad_image: str = "raise",
+    progress: bool | None = None,
+    name: str = "probe",
+) -> ProbeResult:
+    """Train `recipe`'s heads on `train_list`, evaluate on `val_list`, resuming from `ckpt_path`.
+
+    key: identifies what the checkpoint belongs to (backbone sha256, config fingerprint, seed); a
+    checkpoint with another key is ignored and overwritten. Evaluations run every `eval_interval`
+    epochs and, with `final_eval`, at the last epoch; the result is the last evaluation.
+    """
+    if train_list.classes != val_list.classes:
+        raise ValueError(f"{name}: train and val class lists differ ({len(train_list.classes)} vs {len(val_list.classes)})")
+    world, rank = dist.world_size(), dist.rank()
+    plan = plan_batch(recipe, world)
+    probe = Probe(backbone, build_heads(recipe, backbone, len(train_list.classes), seed), device)
+    optimizer = torch.optim.SGD(
+        probe.heads.parameters(),
+        lr=plan.lr,
+        momentum=recipe.momentum,
+        nesterov=recipe.nesterov,
+        weight_decay=recipe.weight_decay,
+    )
+    start, history = 0, []
+    state = _load_resume(ckpt_path, key)
+    if state is not None:
+        probe.heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = state["epoch"], state["history"]
+        _set_rng_state(state["rng"], device)
+        if dist.is_main():
+            log.info("%s: resuming from %s after epoch %d", name, ckpt_path, start)
+
+    size = recipe.image_size
+    train_set = SeededDataset(ImageListDataset(train_list, build_train(recipe.train_aug, size), on_bad_image), seed)
+    # shuffle with the seed and stride over ranks: global batch i is the same images for any world size
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    train_loader = _loader(train_set, recipe.batch_size_per_gpu, num_workers, device, sampler)
+    val_set = ImageListDataset(val_list, build_eval(recipe.test_aug, size), on_bad_image)
+    val_loader = _loader(Subset(val_set, range(rank, len(val_set), world)), recipe.batch_size_per_gpu, num_workers, device)
+    train_labels = torch.as_tensor(train_list.labels, dtype=torch.long, device=device)
+    val_labels = torch.as_tensor(val_list.labels, dtype=torch.long, device=device)
+
+    for epoch in range(start, recipe.epochs):
+        lr = lr_at(plan.lr, recipe.lr_steps, recipe.lr_gamma, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        loss = _train_epoch(probe, optimizer, train_loader, train_labels, plan, f"{name} {epoch + 1}/{recipe.epochs}", progress)
+        record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "loss": loss}
+        last = epoch + 1 == recipe.epochs
+        if (epoch + 1) % recipe.eval_interval == 0 or (last and recipe.final_eval):
+            record.update(evaluate(probe, val_loader, val_labels, progress))
+            if dist.is_main():
+                top1 = ", ".join(f"{k} {v:.2f}" for k, v in record["top1"].items())
+                log.info("%s epoch %d: top-1 %s", name, epoch + 1, top1)
+        history.append(record)
+        if dist.is_main():
+            atomic_torch_save(ckpt_path, {
+                "key": key,
+                "epoch": epoch + 1,
+                "heads": probe.heads.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": _rng_state(device),
+                "history": history,
+            })
+        dist.barrier()
+
+    evals = [r for r in history if "top1" in r]
+    if not evals:
+        raise ValueError(
+            f"{name}: no evaluation ran in {recipe.epochs} epochs (eval_interval {recipe.eval_interval}, "
+            "final_eval false); set final_eval: true"
+        )
+    final = evals[-1]
+    return ProbeResult(
+        top1=final["top1"],
+        top5=final["top5"],
+        evaluated_epoch=final["epoch"],
+        plan=plan,
+        history=history,
+        resumed_from_epoch=start,
+    )
+
+
+def _train_epoch(
+    probe: Probe,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    labels: Tensor,
+    plan: BatchPlan,
+    desc: str,
+    progress: bool | None,
+    check_every: int = 10,
+) -> float:
+    """One epoch; returns the mean loss. Steps every `plan.accumulate_steps` passes (and at the end).
+
+    The loss is checked for NaN/inf every `check_every` passes, reduced over ranks so that all stop together.
+    """
+    probe.heads.train()
+    optimizer.zero_grad(set_to_none=True)
+    n = len(loader)
+    acc = plan.accumulate_steps
+    seen_loss = torch.zeros(2, dtype=torch.float64, device=probe.device)  # loss sum, passes
+    images_seen, t0 = 0, time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, disable=_disable(progress))
+    for i, (images, index, ok) in enumerate(bar):
+        group_start = i - i % acc
+        group = min(acc, n - group_start)  # the last group may be short
+        stepping = i == group_start + group - 1
+        sync = nullcontext() if stepping or not isinstance(probe.model, nn.parallel.DistributedDataParallel) else probe.model.no_sync()
+        with sync:
+            loss = probe.loss(images, labels[index.to(labels.device)], ok)
+            (loss / group).backward()
+        if stepping:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        seen_loss += torch.stack([loss.detach().double(), loss.new_tensor(1.0, dtype=torch.float64)])
+        images_seen += images.shape[0]
+        if (i + 1) % check_every == 0 or i + 1 == n:
+            total = dist.all_reduce_sum(seen_loss.clone())
+            mean = (total[0] / total[1]).item()
+            if not math.isfinite(mean):
+                raise FloatingPointError(
+                    f"{desc}: the loss became {mean} by iteration {i + 1}/{n} (lr {optimizer.param_groups[0]['lr']:g}); "
+                    "the heads diverged. Lower the lr, or check the checkpoint (NaN/inf features mean a broken backbone)."
+                )
+            rate = images_seen * dist.world_size() / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{rate:.1f}")
+    total = dist.all_reduce_sum(seen_loss.clone())
+    return (total[0] / total[1].clamp_min(1)).item()
