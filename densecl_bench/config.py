@@ -47,17 +47,18 @@ def _read(path: Path) -> dict[str, Any]:
     return raw
 
 
-def profiles(name_or_path: str | Path, kind: str) -> set[str]:
-    """The profile names a config offers (besides `full`, the config as written)."""
-    return set((_read(find(name_or_path, kind)).get("profiles") or {}).keys())
+def load(name_or_path: str | Path, kind: str, profile: str | None = None, *, if_offered: bool = False) -> dict[str, Any]:
+    """Load a config and apply `profile`'s overrides (deeply merged); returns a plain dict.
 
-
-def load(name_or_path: str | Path, kind: str, profile: str | None = None) -> dict[str, Any]:
-    """Load a config and apply `profile`'s overrides (deeply merged); returns a plain dict."""
+    With `if_offered`, a profile the config does not define is ignored (the config runs as written),
+    so one suite-wide profile such as `demo` can be passed to every benchmark.
+    """
     path = find(name_or_path, kind)
     raw = _read(path)
     offered = raw.pop("profiles", None) or {}
     cfg = copy.deepcopy(raw)
+    if if_offered and profile not in offered:
+        profile = None
     if profile is not None and profile != "full":
         if profile not in offered:
             raise ConfigError(f"{path}: no profile {profile!r} (profiles: {', '.join(offered) or 'none'})")

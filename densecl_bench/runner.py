@@ -116,8 +116,7 @@ def run_suite(
             result.stages.append(StageOutcome(bench.name, 0, "skipped", f"no data at {missing[0]}"))
             echo(f"[{bench.name}] skipped: no data at {missing[0]}")
             continue
-        offered = config.profiles(bench.config, "benchmarks")
-        cfg = config.load(bench.config, "benchmarks", profile if profile in offered else None)
+        cfg = config.load(bench.config, "benchmarks", profile, if_offered=True)
         resolved = {**cfg, "world_size": dist.world_size(), "arch": loaded.arch}
         fp = config.fingerprint(resolved)
         for trial in range(trials):

@@ -94,8 +94,7 @@ class ImagenetLinear(_MultiHeadLinear):
         """The AvgPool column: its own config, loaded with the multi-head config's profile."""
         cfg = ctx.config
         name = config.require(cfg, "avgpool_config", str)
-        profile = cfg.get("_profile")
-        avg_cfg = config.load(name, "benchmarks", profile if profile in config.profiles(name, "benchmarks") else None)
+        avg_cfg = config.load(name, "benchmarks", cfg.get("_profile"), if_offered=True)
         avg_cfg = {**avg_cfg, **{k: cfg[k] for k in ("world_size", "arch") if k in cfg}}
         result = run_probe(ctx, avg_cfg, "avgpool", train, val)
         return head_metrics(self.name, result, avg_cfg, {"feature5": "avgpool"})

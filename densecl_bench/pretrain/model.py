@@ -81,11 +81,23 @@ def dense_correspondence(q_b: Tensor, k_b: Tensor) -> Tensor:
     return sim.argmax(dim=2)
 
 
-def contrastive_loss(pos: Tensor, neg: Tensor, temperature: float) -> Tensor:
-    """InfoNCE as MMSelfSup's ContrastiveHead: CE over cat(pos, neg) / T with the positive at index 0."""
-    logits = torch.cat([pos, neg], dim=1) / temperature
-    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    return F.cross_entropy(logits, labels)
+def _rows(t: Tensor) -> Tensor:
+    """N x D x S^2 -> (N*S^2) x D: one row per grid position."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1])
+
+
+def info_nce(q: Tensor, k: Tensor, bank: Tensor, temperature: float) -> Tensor:
+    """MMSelfSup's ContrastiveHead: CE over cat(<q,k>, q^T bank) / T with the positive at index 0.
+
+    q, k: M x D matched rows (L2-normalised); bank: D x K negatives. Written as
+    mean(logaddexp(pos, logsumexp(neg)) - pos) with q pre-scaled by 1/T: the same loss without
+    materialising the concatenated M x (K+1) logits twice (M = N*S^2 rows against 65536 negatives
+    is the largest tensor of the dense branch).
+    """
+    q = q / temperature
+    pos = (q * k).sum(1)
+    neg = q @ bank
+    return (torch.logaddexp(pos, torch.logsumexp(neg, dim=1)) - pos).mean()
 
 
 class DenseCL(nn.Module):
@@ -165,7 +177,7 @@ class DenseCL(nn.Module):
             g,
             F.normalize(d.float(), dim=1),
             F.normalize(d_pool.float(), dim=1),
-            F.normalize(feat.float().flatten(2), dim=1),
+            F.normalize(feat.detach().float().flatten(2), dim=1),  # only its argmax is used: no graph
         )
 
     @torch.no_grad()
@@ -192,15 +204,12 @@ class DenseCL(nn.Module):
             self.momentum_update()
             k, k_grid, k2, k_b = self._encode_keys(im_k, dense)
         with torch.autocast(device_type=im_q.device.type, enabled=False):
-            loss_single = contrastive_loss((q * k).sum(1, keepdim=True), q @ self.queue.clone(), self.temperature)
-            out = {"loss_single": loss_single * (1.0 - lam)}
+            # the queues change in place below, after this graph was built: hand the loss a copy
+            out = {"loss_single": info_nce(q, k, self.queue.clone(), self.temperature) * (1.0 - lam)}
             if dense:
                 idx = dense_correspondence(q_b, k_b)
                 matched = k_grid.gather(2, idx.unsqueeze(1).expand(-1, k_grid.shape[1], -1))
-                pos = (q_grid * matched).sum(1).reshape(-1, 1)
-                q_rows = q_grid.transpose(1, 2).reshape(-1, q_grid.shape[1])
-                loss_dense = contrastive_loss(pos, q_rows @ self.queue2.clone(), self.temperature)
-                out["loss_dense"] = loss_dense * lam
+                out["loss_dense"] = info_nce(_rows(q_grid), _rows(matched), self.queue2.clone(), self.temperature) * lam
         out["loss"] = sum(out.values())
         self.enqueue(self.queue, self.queue_ptr, k)
         if dense:
