@@ -1,0 +1,715 @@
+"""Linear SVMs for the VOC07 SVM and low-shot SVM protocols, on feature arrays (no I/O).
+
+PROTOCOLS.md §2.3 and §3; MMSelfSup 0.x `tools/benchmarks/classification/svm_voc07/tools/`
+(`svm_helper.py`, `train_svm_kfold.py`, `test_svm.py`, `train_svm_low_shot.py`,
+`aggregate_low_shot_svm_stats.py`), themselves FAIR `tools/svm/*`.
+
+The reference fits one `sklearn.svm.LinearSVC` per (class, cost, fold): squared hinge, L2,
+class_weight {1: 2, -1: 1}, intercept_scaling 1 (liblinear appends a constant feature, so the
+bias is regularised like any weight). That problem is strongly convex, so its minimiser is unique
+and any exact solver reproduces it. The `gram` solver here finds the same minimiser faster:
+
+* every fit shares the same rows, so the Gram matrix K = X Xᵀ + s² (s = intercept_scaling) is
+  computed once and every fit lives in the span of its training rows, w = Σ aᵢ x̃ᵢ (representer);
+* each fit is a primal Newton iteration on the active set S = {i : yᵢ f(xᵢ) < 1} (Chapelle 2007,
+  "Training a support vector machine in the primal"; Keerthi & DeCoste 2005): solve
+  (K_SS + diag(1/(2cᵢ))) a_S = y_S, take an exact line search, repeat until S stops changing;
+* the linear systems are solved by a batched Cholesky when S is small (large costs) and by
+  batched conjugate gradients, preconditioned by a Nyström factor of K, when S is large (small
+  costs, well conditioned); fits run in batches (classes × folds) and warm-start along the
+  ascending cost path;
+* held-out and test decision values are rows of K a (or K_test a), so nothing is refitted to
+  score folds, and the final refit is done only at each class's chosen cost.
+
+`solver="sklearn"` runs the reference path literally (one LinearSVC per fit, refit at every cost
+as MMSelfSup does) and is what the tests and `perf/svm_speed.py` compare against.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+SOLVERS: tuple[str, ...] = ("gram", "sklearn")
+PRECOND_MIN_ROWS = 256  # below this every system is solved directly
+POS_WEIGHT = 2.0  # class_weight {1: 2, -1: 1}
+_POWERS = [0.5**k for k in range(4, 20)]  # parse_cost_list always appends 0.5^4 .. 0.5^19
+# Grid order matters: the per-class argmax keeps the first best cost, as np.argmax does in MMSS.
+COST_GRIDS: dict[str, list[float]] = {
+    "mmselfsup": [1.0, 10.0, 100.0, *_POWERS],
+    "fair": [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 1.0, 10.0, 100.0, *_POWERS],
+    "vissl": [0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0],
+}
+
+
+def cost_grid(spec: str | Sequence[float]) -> list[float]:
+    """The cost list for a named grid (`mmselfsup` = 19 costs, `fair`, `vissl`) or an explicit list."""
+    if isinstance(spec, str):
+        if spec not in COST_GRIDS:
+            raise ValueError(f"unknown cost grid {spec!r}; known: {', '.join(COST_GRIDS)} (or a list of floats)")
+        return list(COST_GRIDS[spec])
+    costs = [float(c) for c in spec]
+    if not costs or min(costs) <= 0:
+        raise ValueError(f"costs must be a non-empty list of positive numbers, got {spec!r}")
+    return costs
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Per-sample x / (‖x‖₂ + 1e-5) in float64, as svm_helper.py normalises both splits."""
+    x = np.asarray(x, dtype=np.float64)
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Average precision
+
+
+def sklearn_ap(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """Non-interpolated AP as `sklearn.metrics.average_precision_score` computes it (the CV score).
+
+    Tied scores form one threshold; with no positive the score is 0.0 (sklearn warns and returns 0).
+    """
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    n_pos = int(y.sum())
+    if n_pos == 0:
+        return 0.0
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each distinct score
+    tp = np.cumsum(y)[last]
+    precision = tp / (last + 1)
+    recall = tp / n_pos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def interpolated_ap(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """All-point interpolated AP (VOC2010+ style), svm_helper.py `calculate_ap` on the test scores.
+
+    Rank by descending score (ties keep input order), cumulative precision/recall per rank, make
+    precision monotone from the right, and sum precision × recall step where recall changes.
+    NaN when there is no positive (the class cannot be scored).
+    """
+    y = np.asarray(y_true).astype(bool)
+    n_pos = int(y.sum())
+    if n_pos == 0:
+        return float("nan")
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    tp = np.cumsum(y[order])
+    precision = tp / np.arange(1, len(y) + 1)
+    recall = tp / n_pos
+    mrec = np.r_[0.0, recall, 1.0]
+    mpre = np.r_[0.0, precision, 0.0]
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    steps = np.flatnonzero(mrec[1:] != mrec[:-1])
+    return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+
+
+def stratified_folds(y: np.ndarray, n_splits: int = 3) -> np.ndarray:
+    """Test-fold index per row, as `StratifiedKFold(n_splits)` without shuffle assigns them.
+
+    Classes are coded by first appearance; each class's rows go to folds in contiguous blocks
+    whose sizes come from a round robin over the sorted codes. (cross_val_score with cv=3 on a
+    classifier uses exactly this split.)
+    """
+    y = np.asarray(y)
+    _, first, inverse = np.unique(y, return_index=True, return_inverse=True)
+    codes = np.argsort(np.argsort(first))[inverse]
+    n_classes = len(first)
+    ordered = np.sort(codes)
+    alloc = np.stack([np.bincount(ordered[i::n_splits], minlength=n_classes) for i in range(n_splits)])
+    folds = np.empty(len(y), dtype=np.int64)
+    for k in range(n_classes):
+        folds[codes == k] = np.repeat(np.arange(n_splits), alloc[:, k])
+    return folds
+
+
+def svm_targets(labels: np.ndarray) -> np.ndarray:
+    """VOC labels (1 present / 0 absent / -1 difficult) -> ±1 training targets.
+
+    Difficult images stay -1, i.e. they are negatives in CV and in the refit (svm_helper.py).
+    """
+    return np.where(np.asarray(labels) == 1, 1.0, -1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Gram-space Newton solver
+
+
+@dataclass
+class Preconditioner:
+    """Top eigenpairs of K (U: (G, n, r), lam: (G, r)); (U Λ Uᵀ + d I)⁻¹ restricted to S preconditions CG.
+
+    Rows of U for a subset of K's rows give a factor bounded by that principal submatrix, so one
+    factor of the full trainval K serves every fold and every low-shot draw.
+    """
+
+    U: Tensor
+    lam: Tensor
+
+
+def gram(a: np.ndarray | Tensor, b: np.ndarray | Tensor | None = None, *, intercept_scaling: float = 1.0,
+         device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64, chunk: int = 2048) -> Tensor:
+    """K = A Bᵀ + s² (the linear kernel of the rows with liblinear's bias feature s appended)."""
+    ta = torch.as_tensor(a).to(device=device, dtype=dtype)
+    tb = ta if b is None else torch.as_tensor(b).to(device=device, dtype=dtype)
+    out = torch.empty(ta.shape[0], tb.shape[0], device=device, dtype=dtype)
+    for start in range(0, ta.shape[0], chunk):
+        torch.matmul(ta[start:start + chunk], tb.T, out=out[start:start + chunk])
+    return out.add_(intercept_scaling**2)
+
+
+def nystrom(K: Tensor, rank: int = 128, iters: int = 3, seed: int = 0) -> Preconditioner:
+    """Top-`rank` eigenpairs of PSD K (G, n, n) by seeded randomised subspace iteration + Rayleigh-Ritz."""
+    G, n, _ = K.shape
+    r = min(rank, n // 4)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    Q = torch.randn(G, n, r, generator=gen, dtype=K.dtype).to(K.device)
+    for _ in range(iters):
+        Q = torch.linalg.qr(torch.bmm(K, Q)).Q
+    lam, V = torch.linalg.eigh(Q.transpose(1, 2) @ K @ Q)
+    return Preconditioner(Q @ V, lam.clamp_min(0))
+
+
+@dataclass
+class FitStats:
+    newton: int = 0
+    cg: int = 0
+    direct: int = 0
+    unconverged: int = 0
+
+
+def fit_dual(K: Tensor, Y: Tensor, C: Tensor, *, init: tuple[Tensor, Tensor] | None = None,
+             precond: Preconditioner | None = None, direct_max: int = 1536, cg_cond: float = 200.0,
+             tol: float = 1e-10, max_newton: int = 60, stats: FitStats | None = None) -> tuple[Tensor, Tensor]:
+    """Minimise ½‖w‖² + Σᵢ cᵢ max(0, 1 − yᵢ wᵀx̃ᵢ)² for a batch of problems sharing a Gram matrix.
+
+    K: (G, n, n) Gram matrices (bias included); Y: (G, n, P) targets ±1; C: (G, n, P) per-row costs,
+    0 for rows outside a problem's training set (held-out folds, unsampled rows). Returns the
+    coefficients A (w = Σ aᵢ x̃ᵢ, zero off the training rows) and F = K A, the decision values of
+    every row. `init` = (A, F) of a nearby problem (the previous cost) warm-starts the iteration.
+    A system uses PCG when its preconditioned condition number, bounded by 1 + λ_r·2c_max, is
+    below `cg_cond` and either |S| > direct_max or PCG is estimated cheaper; else a batched Cholesky.
+    """
+    stats = stats if stats is not None else FitStats()
+    train = C > 0
+    Dinv = torch.where(train, 2 * C, torch.zeros_like(C))  # 1/d with d = 1/(2c)
+    if init is None:
+        A, F = torch.zeros_like(Y), torch.zeros_like(Y)
+    else:
+        A, F = (t.clone() for t in init)
+    S = train & (Y * F < 1)
+    todo = torch.ones(Y.shape[2], dtype=torch.bool, device=Y.device)
+    for _ in range(max_newton):
+        cols = todo.nonzero().squeeze(1)
+        if cols.numel() == 0:
+            break
+        stats.newton += 1
+        every = cols.numel() == todo.numel()
+        Ac, Fc, Sc, Yc, Cc, Dc = (t if every else t[:, :, cols] for t in (A, F, S, Y, C, Dinv))
+        target = _solve_active_set(K, Yc, Dc, Sc, Ac, precond, direct_max, cg_cond, stats)
+        dA = target - Ac
+        dF = torch.bmm(K, dA)
+        t = _line_search(Ac, Fc, dA, dF, Yc, Cc)[:, None, :]
+        Ac, Fc = Ac + t * dA, Fc + t * dF
+        S_new = (Cc > 0) & (Yc * Fc < 1)
+        step = (t * dF).abs().amax(dim=1)
+        scale = 1 + Fc.abs().amax(dim=1)
+        done = ((S_new == Sc).all(dim=1) | (step <= tol * scale)).all(dim=0)
+        if every:
+            A, F, S = Ac, Fc, S_new
+        else:
+            A[:, :, cols], F[:, :, cols], S[:, :, cols] = Ac, Fc, S_new
+        todo[cols[done]] = False
+    stats.unconverged += int(todo.sum())
+    if todo.any():
+        log.warning("SVM Newton solver: %d problem(s) did not converge in %d iterations", int(todo.sum()), max_newton)
+    return A, F
+
+
+def _line_search(A: Tensor, F: Tensor, dA: Tensor, dF: Tensor, Y: Tensor, C: Tensor, iters: int = 30) -> Tensor:
+    """Exact minimiser t ∈ (0, 1] of the primal along A + t dA (piecewise quadratic in t), shape (G, P).
+
+    φ'(t) = aᵀK dA + t dAᵀK dA − 2 Σ cᵢ yᵢ dFᵢ (1 − yᵢ(Fᵢ + t dFᵢ))₊ is increasing; t = 1 when
+    φ'(1) ≤ 0 (the usual full Newton step), else safeguarded Newton/bisection on φ' over [0, 1].
+    """
+    a_g = (A * dF).sum(1)
+    d_g = (dA * dF).sum(1)
+    ydF = Y * dF
+    t = torch.ones_like(a_g)
+    slack = 1 - Y * F - ydF
+    g1 = a_g + d_g - 2 * (C * ydF * slack * (slack > 0)).sum(1)
+    sel = (g1 > 0).nonzero(as_tuple=True)
+    if sel[0].numel() == 0:
+        return t
+    # Only the problems whose full step overshoots: gather their rows once, (B, n).
+    cs, yd, base = C[sel[0], :, sel[1]], ydF[sel[0], :, sel[1]], (1 - Y * F)[sel[0], :, sel[1]]
+    ag, dg = a_g[sel], d_g[sel]
+    lo, hi = torch.zeros_like(ag), torch.ones_like(ag)
+    ts = hi.clone()
+    for _ in range(iters):
+        sl = base - ts[:, None] * yd
+        w = cs * yd * (sl > 0)
+        g = ag + ts * dg - 2 * (w * sl).sum(1)
+        h = dg + 2 * (w * yd).sum(1)
+        hi = torch.where(g > 0, ts, hi)
+        lo = torch.where(g <= 0, ts, lo)
+        newton = ts - g / h.clamp_min(1e-300)
+        ts = torch.where((newton > lo) & (newton < hi), newton, (lo + hi) / 2)
+        if bool((g.abs() <= 1e-12 * (1 + ag.abs())).all()):
+            break
+    t[sel] = ts
+    return t
+
+
+def _solve_active_set(K: Tensor, Y: Tensor, Dinv: Tensor, S: Tensor, A0: Tensor, precond: Preconditioner | None,
+                      direct_max: int, cg_cond: float, stats: FitStats) -> Tensor:
+    """Solve (K_SS + diag(d_S)) a_S = y_S for every problem (a = 0 off S); Cholesky or PCG per problem."""
+    sizes = S.sum(1)  # (G, P)
+    use_cg = torch.zeros_like(sizes, dtype=torch.bool)
+    if precond is not None:
+        # Cost model: PCG takes ~12·sqrt(cond) products with K (2n² each); Cholesky |S|³/3.
+        cond = 1 + precond.lam.amin(1)[:, None] * (Dinv * S).amax(1)
+        cg_flops = 24 * cond.sqrt() * K.shape[1] ** 2
+        use_cg = ((sizes > direct_max) | (cg_flops < sizes.to(K.dtype) ** 3 / 3)) & (cond <= cg_cond)
+    out = torch.zeros_like(Y)
+    direct = (~use_cg & (sizes > 0)).nonzero()
+    if direct.numel():
+        _solve_direct(K, Y, Dinv, S, direct, out)
+        stats.direct += len(direct)
+    if bool(use_cg.any()):
+        cols = use_cg.any(0).nonzero().squeeze(1)
+        Sc = S[:, :, cols] & use_cg[:, None, cols]
+        x = _pcg(K, Y[:, :, cols], Dinv[:, :, cols], Sc, A0[:, :, cols] * Sc, precond, stats)
+        out[:, :, cols] = torch.where(Sc, x, out[:, :, cols])
+    return out
+
+
+def _solve_direct(K: Tensor, Y: Tensor, Dinv: Tensor, S: Tensor, problems: Tensor, out: Tensor,
+                  budget: int = 2**24) -> None:
+    """Batched Cholesky on K_SS + diag(d_S), padded with identity; problems sorted by |S|, chunked to bound memory.
+
+    problems: (B, 2) indices (g, p); results are written into out[g, S, p].
+    """
+    sizes = S.sum(1)[problems[:, 0], problems[:, 1]]
+    order = torch.argsort(sizes)
+    problems, sizes = problems[order], sizes[order].tolist()
+    start = 0
+    while start < len(sizes):
+        end = start + 1
+        while end < len(sizes) and (end - start + 1) * sizes[end] ** 2 <= budget:
+            end += 1
+        g, p = problems[start:end, 0], problems[start:end, 1]
+        m = sizes[end - 1]
+        mask = S[g, :, p]  # (B, n)
+        # Active indices first (in row order), then padding.
+        idx = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :m]
+        valid = torch.arange(m, device=K.device)[None] < mask.sum(1, keepdim=True)
+        M = K[g[:, None, None], idx[:, :, None], idx[:, None, :]]
+        pair = valid[:, :, None] & valid[:, None, :]
+        diag = torch.where(valid, 1 / Dinv[g[:, None], idx, p[:, None]].clamp_min(1e-300), torch.ones_like(M[:, 0]))
+        M = torch.where(pair, M, torch.zeros_like(M)) + torch.diag_embed(diag)
+        rhs = torch.where(valid, Y[g[:, None], idx, p[:, None]], torch.zeros_like(diag))[:, :, None]
+        L, info = torch.linalg.cholesky_ex(M)
+        if bool((info > 0).any()):  # K_SS + diag(d) with d > 0 is SPD: only a bug gets here
+            raise RuntimeError("SVM solver: Cholesky failed on a system that must be positive definite")
+        # Two triangular solves: torch's batched cholesky_solve is ~80x slower on CPU.
+        half = torch.linalg.solve_triangular(L, rhs, upper=False)
+        sol = torch.linalg.solve_triangular(L.transpose(1, 2), half, upper=True)
+        rows = valid.nonzero()
+        out[g[rows[:, 0]], idx[rows[:, 0], rows[:, 1]], p[rows[:, 0]]] = sol[rows[:, 0], rows[:, 1], 0]
+        start = end
+
+
+def _pcg(K: Tensor, Y: Tensor, Dinv: Tensor, S: Tensor, x0: Tensor, precond: Preconditioner, stats: FitStats,
+         tol: float = 1e-10, max_iter: int = 2000) -> Tensor:
+    """Batched preconditioned CG on (K_SS + diag(d_S)) x = y_S; rows off S are held at zero."""
+    s = S.to(K.dtype)
+    d = torch.where(S, 1 / Dinv.clamp_min(1e-300), torch.ones_like(Dinv))
+    # A scalar shift per problem: the majority (negative-class) diagonal.
+    dbar = (d * s).amax(1).clamp_min(1e-12)  # (G, P)
+    U, lam = precond.U, precond.lam
+    shrink = 1 / (lam[:, :, None] + dbar[:, None, :]) - 1 / dbar[:, None, :]  # (G, r, P)
+
+    ds = d * s
+
+    def matvec(v: Tensor) -> Tensor:  # v is zero off S
+        return s * torch.bmm(K, v) + ds * v
+
+    def prec(r: Tensor) -> Tensor:
+        rs = s * r
+        return s * (torch.bmm(U, shrink * torch.bmm(U.transpose(1, 2), rs)) + rs / dbar[:, None, :])
+
+    b = s * Y
+    x = x0.clone()
+    r = b - matvec(x)
+    z = prec(r)
+    p = z.clone()
+    rz = (r * z).sum(1)
+    bnorm = b.norm(dim=1).clamp_min(1e-300)
+    for _ in range(max_iter):
+        live = r.norm(dim=1) > tol * bnorm  # (G, P)
+        if not bool(live.any()):
+            break
+        stats.cg += 1
+        q = matvec(p)
+        pq = (p * q).sum(1)
+        alpha = torch.where(live & (pq > 0), rz / pq.clamp_min(1e-300), torch.zeros_like(pq))
+        x = x + alpha[:, None] * p
+        r = r - alpha[:, None] * q
+        z = prec(r)
+        rz_new = (r * z).sum(1)
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-300), torch.zeros_like(rz))
+        p = z + beta[:, None] * p
+        rz = rz_new
+    return x * s
+
+
+# ---------------------------------------------------------------------------------------------
+# The full VOC07 SVM protocol
+
+
+@dataclass
+class SvmResult:
+    """Per-class test AP (fraction), CV AP per (class, cost), and the cost each class chose."""
+
+    ap: np.ndarray  # (n_classes,)
+    cv_ap: np.ndarray  # (n_classes, n_costs)
+    costs: list[float]
+    chosen: list[float]
+    solver: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def map(self) -> float:
+        """mAP ×100, the unweighted mean over classes (classes without a test positive are skipped)."""
+        return float(np.nanmean(self.ap) * 100)
+
+
+def choose_costs(cv_ap: np.ndarray) -> np.ndarray:
+    """Per-class index of the best mean CV AP; the first best in grid order, as np.argmax picks it."""
+    return np.argmax(np.nan_to_num(cv_ap, nan=-np.inf), axis=1)
+
+
+def test_aps(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Test AP per class on (N, n_classes) scores; difficult (-1) rows are dropped per class."""
+    out = np.empty(labels.shape[1])
+    for c in range(labels.shape[1]):
+        keep = labels[:, c] != -1
+        out[c] = interpolated_ap(labels[keep, c] == 1, scores[keep, c])
+    return out
+
+
+def voc07_svm(train_x: np.ndarray, train_labels: np.ndarray, test_x: np.ndarray, test_labels: np.ndarray,
+              costs: Sequence[float], *, solver: str = "gram", n_splits: int = 3, intercept_scaling: float = 1.0,
+              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64, progress: bool | None = None,
+              direct_max: int = 1536) -> SvmResult:
+    """The full protocol on one layer's features: CV per (class, cost), per-class best cost, refit, test AP.
+
+    Features are L2-normalised here (float64); labels are N x C with 1 / 0 / -1 (difficult).
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown SVM solver {solver!r}; known: {', '.join(SOLVERS)}")
+    xtr, xte = l2_normalize(train_x), l2_normalize(test_x)
+    targets = svm_targets(train_labels)
+    costs = list(costs)
+    if solver == "sklearn":
+        cv_ap, test_scores = _voc07_sklearn(xtr, targets, xte, costs, n_splits, intercept_scaling, progress)
+        chosen = choose_costs(cv_ap)
+        scores = test_scores[np.arange(len(chosen)), chosen].T
+        info: dict[str, Any] = {}
+    else:
+        cv_ap, scores, info = _voc07_gram(xtr, targets, xte, costs, n_splits, intercept_scaling, device, dtype,
+                                          progress, direct_max)
+        chosen = choose_costs(cv_ap)
+    return SvmResult(test_aps(scores, test_labels), cv_ap, costs, [costs[i] for i in chosen], solver, info)
+
+
+def _linear_svc(cost: float, intercept_scaling: float) -> Any:
+    from sklearn.svm import LinearSVC
+
+    return LinearSVC(C=cost, class_weight={1: POS_WEIGHT, -1: 1}, intercept_scaling=intercept_scaling,
+                     penalty="l2", loss="squared_hinge", tol=1e-4, dual=True, max_iter=2000)
+
+
+def _voc07_sklearn(xtr: np.ndarray, targets: np.ndarray, xte: np.ndarray, costs: list[float], n_splits: int,
+                   intercept_scaling: float, progress: bool | None) -> tuple[np.ndarray, np.ndarray]:
+    """The reference: cross_val_score(LinearSVC, cv=n_splits, average_precision) and a refit per cost."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.model_selection import cross_val_score
+
+    n_cls = targets.shape[1]
+    cv_ap = np.zeros((n_cls, len(costs)))
+    test_scores = np.zeros((n_cls, len(costs), len(xte)))
+    bar = tqdm(total=n_cls * len(costs), desc="svm (sklearn)", disable=_quiet(progress))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for c in range(n_cls):
+            for j, cost in enumerate(costs):
+                clf = _linear_svc(cost, intercept_scaling)
+                cv_ap[c, j] = cross_val_score(clf, xtr, targets[:, c], cv=n_splits, scoring="average_precision").mean()
+                test_scores[c, j] = clf.fit(xtr, targets[:, c]).decision_function(xte)
+                bar.update()
+    bar.close()
+    return cv_ap, test_scores
+
+
+def _voc07_gram(xtr: np.ndarray, targets: np.ndarray, xte: np.ndarray, costs: list[float], n_splits: int,
+                intercept_scaling: float, device: torch.device | str, dtype: torch.dtype, progress: bool | None,
+                direct_max: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    n, n_cls = targets.shape
+    K = gram(xtr, intercept_scaling=intercept_scaling, device=device, dtype=dtype)[None]
+    precond = nystrom(K) if n >= PRECOND_MIN_ROWS else None
+    Yall = torch.as_tensor(targets, dtype=dtype, device=device)
+    folds = np.stack([stratified_folds(targets[:, c], n_splits) for c in range(n_cls)], axis=1)  # (n, n_cls)
+    # CV problems: column (c, f) trains class c on the rows outside fold f.
+    held = torch.as_tensor(folds, device=device)[:, :, None] == torch.arange(n_splits, device=device)
+    Y = Yall[:, :, None].expand(n, n_cls, n_splits).reshape(1, n, -1)
+    pos = (Y > 0).to(dtype) * (POS_WEIGHT - 1) + 1
+    train = (~held).reshape(1, n, -1).to(dtype)
+    held_np = held.reshape(n, -1).cpu().numpy()
+    labels_np = (targets > 0)
+    cv_ap = np.zeros((n_cls, len(costs)))
+    stats = FitStats()
+    state = None
+    fold_mean = []  # per cost: the fold solutions averaged per class, to warm-start the refit
+    order = np.argsort(costs, kind="stable")
+    for j in tqdm(order, desc="svm cv (gram)", disable=_quiet(progress)):
+        C = costs[j] * pos * train
+        state = fit_dual(K, Y, C, init=state, precond=precond, direct_max=direct_max, stats=stats)
+        fold_mean.append((j, state[0][0].reshape(n, n_cls, n_splits).mean(2)))
+        F = state[1][0].cpu().numpy()
+        for c in range(n_cls):
+            cv_ap[c, j] = np.mean([_fold_ap(labels_np[:, c], held_np[:, c * n_splits + f], F[:, c * n_splits + f])
+                                   for f in range(n_splits)])
+    chosen = choose_costs(cv_ap)
+    C_final = torch.as_tensor([costs[i] for i in chosen], dtype=dtype, device=device)
+    pos_final = (Yall > 0).to(dtype) * (POS_WEIGHT - 1) + 1
+    by_cost = dict(fold_mean)
+    A0 = torch.stack([by_cost[int(i)][:, c] for c, i in enumerate(chosen)], dim=1)[None]
+    A, _ = fit_dual(K, Yall[None], (pos_final * C_final)[None], init=(A0, torch.bmm(K, A0)), precond=precond,
+                    direct_max=direct_max, stats=stats)
+    W = torch.as_tensor(xtr, dtype=dtype, device=device).T @ A[0]  # (D, n_cls)
+    bias = intercept_scaling**2 * A[0].sum(0)
+    scores = (torch.as_tensor(xte, dtype=dtype, device=device) @ W + bias).cpu().numpy()
+    return cv_ap, scores, {"newton": stats.newton, "cg_iters": stats.cg, "direct_solves": stats.direct,
+                           "unconverged": stats.unconverged}
+
+
+# ---------------------------------------------------------------------------------------------
+# Low-shot
+
+
+@dataclass
+class LowshotDraw:
+    """One low-shot training set: targets (N x C, 1 positive / 0 negative / -1 unused) and whether it was capped."""
+
+    sample: int
+    k: int
+    targets: np.ndarray
+    capped: bool
+
+
+def draw_lowshot(labels: np.ndarray, ks: Sequence[int], n_samples: int, seed: int) -> list[LowshotDraw]:
+    """Seeded draws of k positives and 19k negatives per class (PROTOCOLS.md §3).
+
+    Positives are label 1, negatives label 0 (absent); difficult (-1) images are never drawn.
+    One numpy Generator(seed) draws in sample, k, class order. If a class has fewer images than
+    asked (small demo data), all of them are used and the draw is marked `capped`.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    out = []
+    for sample in range(n_samples):
+        for k in ks:
+            targets = np.full(labels.shape, -1, dtype=np.int8)
+            capped = False
+            for c in range(labels.shape[1]):
+                for value, count in ((1, k), (0, 19 * k)):
+                    pool = np.flatnonzero(labels[:, c] == value)
+                    capped |= count > len(pool)
+                    targets[rng.choice(pool, min(count, len(pool)), replace=False), c] = value
+            out.append(LowshotDraw(sample, int(k), targets, capped))
+    return out
+
+
+def lowshot_svm(train_x: np.ndarray, test_x: np.ndarray, test_labels: np.ndarray, draws: Sequence[LowshotDraw],
+                costs: Sequence[float], *, solver: str = "gram", cv_folds: int | None = None,
+                intercept_scaling: float = 1.0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
+                progress: bool | None = None, direct_max: int = 1536) -> dict[str, np.ndarray]:
+    """Train per draw, class and cost on the drawn rows (no CV), test on the full test set.
+
+    Returns `test_ap`: (n_draws, n_classes, n_costs) test AP (fraction); with `cv_folds`, also
+    `cv_ap` of the same shape: the mean stratified-CV AP on the drawn rows (for the `cv` variant).
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown SVM solver {solver!r}; known: {', '.join(SOLVERS)}")
+    xtr, xte = l2_normalize(train_x), l2_normalize(test_x)
+    costs = list(costs)
+    n_cls = test_labels.shape[1]
+    test_ap = np.zeros((len(draws), n_cls, len(costs)))
+    cv_ap = np.zeros_like(test_ap) if cv_folds else None
+    if solver == "gram":
+        K = gram(xtr, intercept_scaling=intercept_scaling, device=device, dtype=dtype)
+        Kte = gram(xte, xtr, intercept_scaling=intercept_scaling, device=device, dtype=dtype)
+        precond = nystrom(K[None]) if len(xtr) >= PRECOND_MIN_ROWS else None
+    bar = tqdm(total=len(draws) * n_cls, desc=f"low-shot svm ({solver})", disable=_quiet(progress))
+    for i, draw in enumerate(draws):
+        if solver == "gram":
+            scores, cv = _lowshot_gram(K, Kte, precond, draw.targets, costs, cv_folds, direct_max, bar)
+        for c in range(n_cls):
+            keep = test_labels[:, c] != -1
+            if solver == "sklearn":
+                rows = np.flatnonzero(draw.targets[:, c] != -1)
+                y = np.where(draw.targets[rows, c] == 1, 1.0, -1.0)
+                scores_c = _lowshot_sklearn(xtr[rows], y, xte, costs, intercept_scaling)
+                if cv_folds:
+                    cv_ap[i, c] = _lowshot_sklearn_cv(xtr[rows], y, stratified_folds(y, cv_folds), costs,
+                                                      intercept_scaling)
+                bar.update()
+            else:
+                scores_c = scores[c]
+                if cv_folds:
+                    cv_ap[i, c] = cv[c]
+            for j in range(len(costs)):
+                test_ap[i, c, j] = interpolated_ap(test_labels[keep, c] == 1, scores_c[keep, j])
+    bar.close()
+    out = {"test_ap": test_ap}
+    if cv_ap is not None:
+        out["cv_ap"] = cv_ap
+    return out
+
+
+def _lowshot_gram(K: Tensor, Kte: Tensor, precond: Preconditioner | None, targets: np.ndarray, costs: list[float],
+                  cv_folds: int | None, direct_max: int, bar: tqdm, budget: int = 2**25
+                  ) -> tuple[list[np.ndarray], list[list[float]]]:
+    """One draw: classes batched as groups over their own rows (padded with untrained rows), costs
+    (x folds) as columns. Returns per-class test scores (n_test, n_costs) and CV APs per cost."""
+    n_cls = targets.shape[1]
+    rows = [np.flatnonzero(targets[:, c] != -1) for c in range(n_cls)]
+    m = max(len(r) for r in rows)
+    n_f = cv_folds or 1
+    cost = torch.as_tensor(np.repeat(costs, n_f), dtype=K.dtype, device=K.device)
+    per_chunk = max(1, budget // max(1, m * m))
+    scores: list[np.ndarray] = []
+    cv: list[list[float]] = []
+    for lo in range(0, n_cls, per_chunk):
+        classes = range(lo, min(n_cls, lo + per_chunk))
+        idx = np.zeros((len(classes), m), dtype=np.int64)
+        y = np.zeros((len(classes), m))
+        train = np.zeros((len(classes), m, len(costs) * n_f), dtype=bool)
+        folds = []
+        for g, c in enumerate(classes):
+            r = rows[c]
+            idx[g, : len(r)] = r
+            y[g, : len(r)] = np.where(targets[r, c] == 1, 1.0, -1.0)
+            if cv_folds:
+                f = stratified_folds(y[g, : len(r)], cv_folds)
+                folds.append(f)
+                train[g, : len(r)] = np.tile(np.arange(n_f), len(costs))[None] != f[:, None]
+            else:
+                train[g, : len(r)] = True
+        tidx = torch.as_tensor(idx, device=K.device)
+        Ksub = K[tidx[:, :, None], tidx[:, None, :]]
+        Y = torch.as_tensor(y, dtype=K.dtype, device=K.device)[:, :, None].expand(-1, -1, len(cost))
+        weight = (Y > 0).to(K.dtype) * (POS_WEIGHT - 1) + 1
+        C = weight * cost * torch.as_tensor(train, dtype=K.dtype, device=K.device)
+        pre = None if precond is None else Preconditioner(precond.U[0][tidx], precond.lam.expand(len(classes), -1))
+        if not cv_folds:
+            A, _ = fit_dual(Ksub, Y, C, precond=pre, direct_max=direct_max)
+            scores += [(Kte[:, tidx[g]] @ A[g]).cpu().numpy() for g in range(len(classes))]
+        else:
+            # CV columns first (one per cost and fold), then the full fits for the test scores.
+            _, F = fit_dual(Ksub, Y, C, precond=pre, direct_max=direct_max)
+            A, _ = fit_dual(Ksub, Y[:, :, :: n_f], (weight * cost)[:, :, :: n_f] * (Y[:, :, :: n_f] != 0),
+                            precond=pre, direct_max=direct_max)
+            F = F.cpu().numpy()
+            for g, c in enumerate(classes):
+                n = len(rows[c])
+                pos = y[g, :n] > 0
+                cv.append([_nanmean([_fold_ap(pos, folds[g] == f, F[g, :n, j * n_f + f]) for f in range(n_f)])
+                           for j in range(len(costs))])
+                scores.append((Kte[:, tidx[g]] @ A[g]).cpu().numpy())
+        bar.update(len(classes))
+    return scores, cv
+
+
+def _lowshot_sklearn(x: np.ndarray, y: np.ndarray, xte: np.ndarray, costs: list[float],
+                     intercept_scaling: float) -> np.ndarray:
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return np.stack([_linear_svc(c, intercept_scaling).fit(x, y).decision_function(xte) for c in costs], axis=1)
+
+
+def _lowshot_sklearn_cv(x: np.ndarray, y: np.ndarray, folds: np.ndarray, costs: list[float],
+                        intercept_scaling: float) -> list[float]:
+    out = []
+    for cost in costs:
+        aps = []
+        for f in range(int(folds.max()) + 1):
+            tr, te = folds != f, folds == f
+            if len(np.unique(y[tr])) < 2:
+                aps.append(float("nan"))
+                continue
+            scores = _lowshot_sklearn(x[tr], y[tr], x[te], [cost], intercept_scaling)[:, 0]
+            aps.append(sklearn_ap(y[te] > 0, scores))
+        out.append(_nanmean(aps))
+    return out
+
+
+def _fold_ap(positive: np.ndarray, held: np.ndarray, scores: np.ndarray) -> float:
+    """sklearn AP on a held-out fold; NaN when the training part has one class (LinearSVC cannot fit;
+    cross_val_score's error_score=nan)."""
+    train = positive[~held]
+    if train.all() or not train.any():
+        return float("nan")
+    return sklearn_ap(positive[held], scores[held])
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    """Mean over the folds that could be trained (NaN if none could)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values[~np.isnan(values)].mean()) if (~np.isnan(values)).any() else float("nan")
+
+
+def aggregate_lowshot(draws: Sequence[LowshotDraw], test_ap: np.ndarray, costs: Sequence[float],
+                      select: str = "test", cv_ap: np.ndarray | None = None) -> dict[int, dict[str, float]]:
+    """Per k: mean / min / max / std (population, ×100) over samples of the test mAP at one cost.
+
+    `select="test"` picks the cost whose mean over samples is best on the test set, as
+    aggregate_low_shot_svm_stats.py does (the published numbers); `select="cv"` picks it by the
+    mean CV mAP on the drawn training rows instead (honest, not comparable; folds whose training
+    part lacks a positive are skipped, so k=1 with 2 folds cannot rank costs and keeps the first).
+    Ties: first in grid order.
+    """
+    if select not in ("test", "cv"):
+        raise ValueError(f"unknown low-shot cost selection {select!r}; known: test, cv")
+    if select == "cv" and cv_ap is None:
+        raise ValueError("select='cv' needs cv_ap (run lowshot_svm with cv_folds)")
+    test_map = np.nanmean(test_ap, axis=1)  # (n_draws, n_costs)
+    pick_map = test_map if select == "test" else np.nan_to_num(np.nanmean(cv_ap, axis=1), nan=-np.inf)
+    out: dict[int, dict[str, float]] = {}
+    for k in dict.fromkeys(d.k for d in draws):
+        rows = [i for i, d in enumerate(draws) if d.k == k]
+        best = int(np.argmax(pick_map[rows].mean(0)))
+        vals = test_map[rows, best] * 100
+        out[k] = {"mean": float(vals.mean()), "min": float(vals.min()), "max": float(vals.max()),
+                  "std": float(vals.std()), "cost": float(costs[best]), "samples": len(rows)}
+    return out
+
+
+def _quiet(progress: bool | None) -> bool | None:
+    """tqdm's `disable`: None (auto: off when not a terminal) unless progress is forced on or off."""
+    return None if progress is None else not progress
