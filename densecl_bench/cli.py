@@ -149,7 +149,7 @@ def run(benchmarks: tuple[str, ...], ckpt: str, data_root: Path | None, runs_dir
                        echo=click.echo if dist.is_main() else (lambda *_: None))
     if dist.is_main():
         click.echo(f"\nrun: {result.run_dir}\n")
-        click.echo(render_run_dir(result.run_dir))
+        click.echo(render_run_dir(result.run_dir, skip_empty=True))
     sys.exit(1 if result.failed else 0)
 
 
@@ -214,16 +214,25 @@ def regress(run_dir: Path, reference: Path, tolerances: Path | None, allow_missi
 @click.argument("config_file")
 @click.option("--data-root", type=PathArg, default=None, help="ImageNet-style folder (train/<class>/*).")
 @click.option("--work-dir", type=PathArg, default=None, help="Default: work_dirs/<config name>.")
-@click.option("--epochs", type=int, default=None, help="Stop after this many epochs (default: the config's).")
+@click.option("--epochs", "--max-epochs", "epochs", type=int, default=None,
+              help="Stop after this many epochs (the cosine schedule stays the config's, so a later run continues).")
 @click.option("--no-resume", is_flag=True, help="Start from scratch even if a checkpoint exists.")
 @click.option("--device", default=None)
 def pretrain(config_file: str, data_root: Path | None, work_dir: Path | None, epochs: int | None, no_resume: bool,
              device: str | None) -> None:
     """Pretrain a ResNet-50 with DenseCL (resumable; torchrun for several GPUs)."""
+    from densecl_bench.config import ConfigError
+    from densecl_bench.pretrain import PretrainInterrupted, QueueSizeError, TrainingDiverged
     from densecl_bench.pretrain import pretrain as run_pretrain
 
-    latest = run_pretrain(config_file, data_root=data_root, work_dir=work_dir, resume=not no_resume,
-                          max_epochs=epochs, device=device)
+    try:
+        latest = run_pretrain(config_file, data_root=data_root, work_dir=work_dir, resume=not no_resume,
+                              max_epochs=epochs, device=device)
+    except PretrainInterrupted as err:
+        click.echo(str(err), err=True)
+        sys.exit(err.exit_code)
+    except (ConfigError, QueueSizeError, TrainingDiverged) as err:
+        _fail(err)
     click.echo(f"latest checkpoint: {latest}")
 
 

@@ -63,7 +63,8 @@ def row_label(ckpt: LoadedCheckpoint) -> str:
 
 def default_run_id(label: str, ckpt: LoadedCheckpoint, profile: str) -> str:
     """Stable across re-runs of the same command, so re-running resumes."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{label}-{ckpt.sha256[:8]}-{profile}")
+    parts = [label, profile] if ckpt.layout == "random" else [label, ckpt.sha256[:8], profile]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts))
 
 
 def run_suite(
