@@ -38,17 +38,20 @@ def _solver_args(ctx: RunContext) -> dict[str, Any]:
             "dtype": getattr(torch, cfg["dtype"])}
 
 
-class Voc07Svm(Benchmark):
+class _Voc07Benchmark(Benchmark):
+    table = TABLE
+
+    def required_data(self, data_root: Path) -> list[Path]:
+        return [data_root / "VOCdevkit" / "VOC2007"]
+
+
+class Voc07Svm(_Voc07Benchmark):
     """mAP of one-vs-rest linear SVMs per layer (cost chosen per class by 3-fold CV), and the best layer."""
 
     name = "voc07_svm"
     aliases = ("svm",)
-    table = TABLE
     config = "svm_voc07"
     order = 10
-
-    def required_data(self, data_root: Path) -> list[Path]:
-        return [data_root / "VOCdevkit" / "VOC2007"]
 
     def run(self, ctx: RunContext) -> list[Metric]:
         cfg = ctx.config
@@ -72,17 +75,13 @@ class Voc07Svm(Benchmark):
         return metrics
 
 
-class Voc07LowshotSvm(Benchmark):
+class Voc07LowshotSvm(_Voc07Benchmark):
     """Mean test mAP over seeded draws of k positives + 19k negatives per class, per k (no CV)."""
 
     name = "voc07_lowshot_svm"
     aliases = ("lowshot_svm", "lowshot")
-    table = TABLE
     config = "svm_voc07_lowshot"
     order = 20
-
-    def required_data(self, data_root: Path) -> list[Path]:
-        return [data_root / "VOCdevkit" / "VOC2007"]
 
     def run(self, ctx: RunContext) -> list[Metric]:
         cfg = ctx.config
