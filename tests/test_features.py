@@ -103,3 +103,28 @@ def test_bad_image_skip_is_counted(tmp_path):
     assert not out["feature5"][1].any() and out["feature5"][0].any()
     meta = next((tmp_path / "cache").rglob("*.json")).read_text()
     assert '"bad_indices": [\n    1\n  ]' in meta
+
+
+def test_two_process_sharded_extraction_equals_one_process(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo): each rank extracts a shard, rank 0 merges; same numbers."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from densecl_bench.backbone import random_state_dict
+
+    images = _images(tmp_path, 7)  # odd count: unequal shards
+    script = Path(__file__).with_name("dist_extract_script.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path), str(tmp_path / "cache2")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    backbone = Backbone("resnet18")
+    backbone.load_state_dict(random_state_dict("resnet18"))
+    single = extract(freeze(backbone), images, transform="voc_svm", layers=["feature5"], pooling="adaptive",
+                     size=64, batch_size=2, num_workers=0, cache_dir=tmp_path / "cache1", ckpt_key="dist")
+    merged = [p for p in (tmp_path / "cache2").rglob("*.npy")]
+    assert len(merged) == 1 and ".part" not in merged[0].name  # part files were removed
+    np.testing.assert_allclose(np.load(merged[0]), single["feature5"], rtol=1e-4, atol=1e-5)  # batching differs
