@@ -95,10 +95,7 @@ def knn_classify(
         backend: `torch` (exact matmul search) or `faiss` (exact inner-product index, optional dep).
     """
     device = torch.device(device)
-    bank = _as_tensor(train_features, torch.float32, device)
-    if l2_normalize:
-        bank = F.normalize(bank, dim=1)
-    bank = bank.to(bank_dtype)
+    bank = _build_bank(train_features, l2_normalize, bank_dtype, device, block_size)
     bank_labels = _as_tensor(train_labels, torch.long, device)
     test_labels_t = _as_tensor(test_labels, torch.long, device)
     num_classes = num_classes or int(max(bank_labels.max(), test_labels_t.max())) + 1
@@ -125,6 +122,16 @@ def knn_classify(
             top1[k] += int(hit[:, 0].sum())
             top5[k] += int(hit.any(dim=1).sum())
     return {k: (100.0 * top1[k] / n_test, 100.0 * top5[k] / n_test) for k in ks}
+
+
+def _build_bank(features: np.ndarray | torch.Tensor, l2_normalize: bool, dtype: torch.dtype, device: torch.device,
+                block_size: int) -> torch.Tensor:
+    """The (normalised) bank in `dtype`, filled block by block: peak memory is the bank plus one fp32 block."""
+    bank = torch.empty(tuple(features.shape), dtype=dtype, device=device)
+    for start in range(0, len(bank), block_size):
+        block = _as_tensor(features[start : start + block_size], torch.float32, device)
+        bank[start : start + block_size] = F.normalize(block, dim=1) if l2_normalize else block
+    return bank
 
 
 def _faiss_index(bank: torch.Tensor):

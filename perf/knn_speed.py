@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=2_000)
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--noise", type=float, default=5.0, help="feature noise vs unit class centres")
     parser.add_argument("--bank-dtype", default="float32", choices=["float32", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -34,8 +35,8 @@ def main() -> None:
     centers = rng.standard_normal((args.classes, args.dim), dtype=np.float32)
     yb = rng.integers(0, args.classes, args.bank)
     yq = rng.integers(0, args.classes, args.queries)
-    xb = centers[yb] + 2.0 * rng.standard_normal((args.bank, args.dim), dtype=np.float32)
-    xq = centers[yq] + 2.0 * rng.standard_normal((args.queries, args.dim), dtype=np.float32)
+    xb = centers[yb] + args.noise * rng.standard_normal((args.bank, args.dim), dtype=np.float32)
+    xq = centers[yq] + args.noise * rng.standard_normal((args.queries, args.dim), dtype=np.float32)
     common = dict(num_classes=args.classes, bank_dtype=getattr(torch, args.bank_dtype), device=args.device,
                   progress=False)
 
