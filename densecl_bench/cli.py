@@ -161,6 +161,7 @@ def list_benchmarks(data_root: Path | None) -> None:
     from densecl_bench.data.demo import ensure_demo
 
     root = data_root or ensure_demo()
+    click.echo(f"data root: {root}{'' if data_root else ' (embedded demo datasets)'}\n")
     for name, cls in registry.available().items():
         missing = [p for p in cls().required_data(root) if not p.exists()]
         found = "data found" if not missing else f"no data at {missing[0]}"
