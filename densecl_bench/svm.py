@@ -115,6 +115,24 @@ def interpolated_ap(y_true: np.ndarray, scores: np.ndarray) -> float:
     return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
 
 
+def interpolated_ap_columns(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """`interpolated_ap` for every column of `scores` (n, P) at once: one stable sort along axis 0."""
+    y = np.asarray(y_true).astype(bool)
+    n_pos = int(y.sum())
+    if n_pos == 0:
+        return np.full(scores.shape[1], np.nan)
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), axis=0, kind="stable")
+    tp = np.cumsum(y[order], axis=0)
+    precision = tp / np.arange(1, len(y) + 1)[:, None]
+    recall = tp / n_pos
+    zeros, ones = np.zeros((1, tp.shape[1])), np.ones((1, tp.shape[1]))
+    mrec = np.vstack([zeros, recall, ones])
+    mpre = np.vstack([zeros, precision, zeros])
+    mpre = np.maximum.accumulate(mpre[::-1], axis=0)[::-1]
+    # Sum over the rank steps where recall changes; unchanged steps contribute zero width.
+    return np.sum((mrec[1:] - mrec[:-1]) * mpre[1:], axis=0)
+
+
 def stratified_folds(y: np.ndarray, n_splits: int = 3) -> np.ndarray:
     """Test-fold index per row, as `StratifiedKFold(n_splits)` without shuffle assigns them.
 
@@ -318,7 +336,8 @@ def _solve_direct(K: Tensor, Y: Tensor, Dinv: Tensor, S: Tensor, problems: Tenso
         M = K[g[:, None, None], idx[:, :, None], idx[:, None, :]]
         pair = valid[:, :, None] & valid[:, None, :]
         diag = torch.where(valid, 1 / Dinv[g[:, None], idx, p[:, None]].clamp_min(1e-300), torch.ones_like(M[:, 0]))
-        M = torch.where(pair, M, torch.zeros_like(M)) + torch.diag_embed(diag)
+        M.masked_fill_(~pair, 0.0)  # M is a fresh gather: edit in place, no (B, m, m) temporaries
+        M.diagonal(dim1=1, dim2=2).add_(diag)
         rhs = torch.where(valid, Y[g[:, None], idx, p[:, None]], torch.zeros_like(diag))[:, :, None]
         L, info = torch.linalg.cholesky_ex(M)
         if bool((info > 0).any()):  # K_SS + diag(d) with d > 0 is SPD: only a bug gets here
@@ -581,8 +600,7 @@ def lowshot_svm(train_x: np.ndarray, test_x: np.ndarray, test_labels: np.ndarray
                 scores_c = scores[c]
                 if cv_folds:
                     cv_ap[i, c] = cv[c]
-            for j in range(len(costs)):
-                test_ap[i, c, j] = interpolated_ap(test_labels[keep, c] == 1, scores_c[keep, j])
+            test_ap[i, c] = interpolated_ap_columns(test_labels[keep, c] == 1, scores_c[keep])
     bar.close()
     out = {"test_ap": test_ap}
     if cv_ap is not None:

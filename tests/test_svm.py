@@ -188,3 +188,15 @@ def test_aggregate_lowshot_picks_best_mean_cost():
     picked = svm.aggregate_lowshot(draws, test_ap, [1.0, 10.0], select="cv", cv_ap=cv_ap)
     assert picked[1]["cost"] == 10.0 and picked[1]["mean"] == pytest.approx(55.0)
     assert picked[2]["cost"] == 1.0 and picked[2]["mean"] == pytest.approx(15.0)
+
+
+def test_columnwise_ap_equals_per_column_ap_with_ties():
+    from densecl_bench.svm import interpolated_ap, interpolated_ap_columns
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(1, 40))
+        y = rng.random(n) < 0.3
+        scores = rng.integers(0, 4, (n, 5)).astype(float)  # many ties: order must stay stable
+        expected = [interpolated_ap(y, scores[:, j]) for j in range(5)]
+        np.testing.assert_allclose(interpolated_ap_columns(y, scores), expected, equal_nan=True)
