@@ -146,7 +146,7 @@ def run(benchmarks: tuple[str, ...], ckpt: str, data_root: Path | None, runs_dir
     result = run_suite(list(benchmarks), ckpt, data_root=data_root, runs_dir=runs_dir, run_id=run_id, label=label,
                        profile=profile, trials=trials, seed=seed, arch=arch, allow_partial=allow_partial,
                        device=device, num_workers=workers, on_bad_image="skip" if skip_bad_images else "raise",
-                       echo=click.echo if dist.is_main() else (lambda *_: None))
+                       echo=click.echo)
     if dist.is_main():
         click.echo(f"\nrun: {result.run_dir}\n")
         click.echo(render_run_dir(result.run_dir, skip_empty=True))

@@ -139,20 +139,23 @@ class BatchPlan:
 def plan_batch(recipe: Recipe, world_size: int) -> BatchPlan:
     """Keep the recipe's total batch by gradient accumulation, or scale the LR linearly.
 
-    `accumulate`: world_size * batch_size_per_gpu must divide total_batch_size; each optimizer step
-    then sees total_batch_size images (BN statistics are still per forward pass, as SyncBN over
-    one step's ranks). `scale_lr`: one forward per step, LR * images_per_step / total_batch_size.
+    `accumulate`: each optimizer step sees total_batch_size images. When world_size *
+    batch_size_per_gpu does not divide it (e.g. 16 GPUs x 32 > 256), the per-GPU batch is lowered to
+    the largest size that does (16 x 16), so the recipe's step is kept exactly. BN statistics are
+    still per forward pass, as SyncBN over one step's ranks. `scale_lr`: one forward per step, LR *
+    images_per_step / total_batch_size.
     """
-    per_pass = world_size * recipe.batch_size_per_gpu
-    if per_pass == recipe.total_batch_size:
-        accumulate, lr = 1, recipe.lr
-    elif recipe.batch_policy == "accumulate":
-        if per_pass > recipe.total_batch_size or recipe.total_batch_size % per_pass:
+    per_gpu = recipe.batch_size_per_gpu
+    if recipe.batch_policy == "accumulate":
+        fits = [b for b in range(per_gpu, 0, -1) if recipe.total_batch_size % (world_size * b) == 0]
+        if not fits:
             raise ConfigError(
-                f"batch_policy accumulate: {world_size} process(es) x {recipe.batch_size_per_gpu} per GPU "
-                f"= {per_pass} does not divide the total batch {recipe.total_batch_size}; change "
-                "batch_size_per_gpu or use batch_policy scale_lr"
+                f"batch_policy accumulate: {world_size} processes cannot share a total batch of "
+                f"{recipe.total_batch_size}; use fewer processes or batch_policy scale_lr"
             )
+        per_gpu = fits[0]
+    per_pass = world_size * per_gpu
+    if recipe.batch_policy == "accumulate":
         accumulate, lr = recipe.total_batch_size // per_pass, recipe.lr
     else:
         accumulate, lr = 1, recipe.lr * per_pass / recipe.total_batch_size
@@ -160,21 +163,20 @@ def plan_batch(recipe: Recipe, world_size: int) -> BatchPlan:
     plan = BatchPlan(
         batch_policy=recipe.batch_policy,
         world_size=world_size,
-        batch_size_per_gpu=recipe.batch_size_per_gpu,
+        batch_size_per_gpu=per_gpu,
         accumulate_steps=accumulate,
         images_per_step=images,
         lr=lr,
-        deviates=per_pass != recipe.total_batch_size,
+        deviates=per_pass != recipe.total_batch_size or per_gpu != recipe.batch_size_per_gpu,
     )
     if plan.deviates and dist.is_main():
-        how = (
-            f"accumulating {accumulate} passes per step"
-            if accumulate > 1
-            else f"scaling the LR {recipe.lr:g} -> {lr:g}"
-        )
+        if recipe.batch_policy == "scale_lr":
+            how = f"scaling the LR {recipe.lr:g} -> {lr:g}"
+        else:
+            how = f"accumulating {accumulate} pass(es) per step at {per_gpu} per GPU"
         log.warning(
             "the published recipe uses %d images per step; %d process(es) x %d per GPU = %d, so %s",
-            recipe.total_batch_size, world_size, recipe.batch_size_per_gpu, per_pass, how,
+            recipe.total_batch_size, world_size, per_gpu, per_pass, how,
         )
     return plan
 
@@ -479,9 +481,9 @@ def train_probe(
     train_set = SeededDataset(ImageListDataset(train_list, build_train(recipe.train_aug, size), on_bad_image), seed)
     # shuffle with the seed and stride over ranks: global batch i is the same images for any world size
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    train_loader = _loader(train_set, recipe.batch_size_per_gpu, num_workers, device, sampler)
+    train_loader = _loader(train_set, plan.batch_size_per_gpu, num_workers, device, sampler)
     val_set = ImageListDataset(val_list, build_eval(recipe.test_aug, size), on_bad_image)
-    val_loader = _loader(Subset(val_set, range(rank, len(val_set), world)), recipe.batch_size_per_gpu, num_workers, device)
+    val_loader = _loader(Subset(val_set, range(rank, len(val_set), world)), plan.batch_size_per_gpu, num_workers, device)
     train_labels = torch.as_tensor(train_list.labels, dtype=torch.long, device=device)
     val_labels = torch.as_tensor(val_list.labels, dtype=torch.long, device=device)
 

@@ -51,6 +51,10 @@ class SuiteResult:
         return [s for s in self.stages if s.status == "failed"]
 
 
+def _silent(*_args, **_kwargs) -> None:
+    pass
+
+
 def row_label(ckpt: LoadedCheckpoint) -> str:
     """The table's row label: the pretraining config name when the checkpoint records one, else the file stem."""
     cfg = ckpt.meta.get("config")
@@ -87,6 +91,8 @@ def run_suite(
 ) -> SuiteResult:
     """Run the named benchmarks (`all` for every registered one) and write ledger and tables."""
     dist.init_from_env()
+    if not dist.is_main():
+        echo = _silent  # one voice under torchrun
     benchmarks = registry.resolve(names)
     demo = data_root is None
     if demo:

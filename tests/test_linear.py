@@ -159,8 +159,14 @@ def test_batch_plan_accumulate_and_scale(caplog):
     assert "accumulating 8" in caplog.text
     scaled = plan_batch(replace(recipe, batch_policy="scale_lr"), 2)
     assert (scaled.accumulate_steps, scaled.images_per_step, scaled.lr) == (1, 64, pytest.approx(0.0025))
+    # 24 per GPU does not divide 256: lowered to 16, accumulated 16 times (still 256 per step).
+    odd = plan_batch(replace(recipe, batch_size_per_gpu=24), 1)
+    assert (odd.batch_size_per_gpu, odd.accumulate_steps, odd.images_per_step, odd.deviates) == (16, 16, 256, True)
+    # 16 GPUs x 32 = 512 > 256: 16 per GPU, one pass per step.
+    wide = plan_batch(recipe, 16)
+    assert (wide.batch_size_per_gpu, wide.accumulate_steps, wide.images_per_step) == (16, 1, 256)
     with pytest.raises(config.ConfigError, match="scale_lr"):
-        plan_batch(replace(recipe, batch_size_per_gpu=24), 1)
+        plan_batch(recipe, 3)  # 256 images cannot be split over 3 processes
 
 
 # --- augmentation -------------------------------------------------------------------------------
