@@ -136,7 +136,6 @@ def run_suite(
                 backbone=backbone, checkpoint=loaded, data_root=Path(data_root), demo=demo, device=torch_device,
                 run_dir=run_dir / bench.name / f"trial{trial}", cache_dir=paths.cache_root() / "features",
                 config=resolved, seed=seed + trial, num_workers=num_workers, on_bad_image=on_bad_image,
-                world_size=dist.world_size(), rank=dist.rank(),
             )
             start = time.perf_counter()
             try:

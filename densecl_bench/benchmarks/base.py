@@ -53,8 +53,6 @@ class RunContext:
     seed: int = 0
     num_workers: int = 2
     on_bad_image: str = "raise"
-    world_size: int = 1
-    rank: int = 0
 
     def features(
         self,
