@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from densecl_bench import config, dist, paths, registry
-from densecl_bench.backbone import freeze
+from densecl_bench.backbone import Backbone, freeze
 from densecl_bench.benchmarks.base import RunContext
 from densecl_bench.checkpoint import LoadedCheckpoint, build_backbone, load_checkpoint
 from densecl_bench.results import Ledger, provenance
@@ -65,6 +65,14 @@ def row_label(ckpt: LoadedCheckpoint) -> str:
     return Path(ckpt.path).stem
 
 
+def load_frozen(ckpt: str, arch: str | None, allow_partial: bool, device: str | None
+                ) -> tuple[LoadedCheckpoint, Backbone, torch.device]:
+    """Checkpoint -> frozen backbone (eval mode, no grads) on `device` (default: this rank's GPU, else CPU)."""
+    loaded = load_checkpoint(ckpt, arch=arch, allow_partial=allow_partial)
+    torch_device = torch.device(device) if device else dist.default_device()
+    return loaded, freeze(build_backbone(loaded)).to(torch_device), torch_device
+
+
 def default_run_id(label: str, ckpt: LoadedCheckpoint, profile: str) -> str:
     """Stable across re-runs of the same command, so re-running resumes."""
     parts = [label, profile] if ckpt.layout == "random" else [label, ckpt.sha256[:8], profile]
@@ -102,10 +110,7 @@ def run_suite(
         if dist.is_main():
             echo(DEMO_BANNER.format(root=data_root))
     profile = profile or ("demo" if demo else "full")
-    torch_device = torch.device(device) if device else dist.default_device()
-
-    loaded = load_checkpoint(ckpt, arch=arch, allow_partial=allow_partial)
-    backbone = freeze(build_backbone(loaded)).to(torch_device)
+    loaded, backbone, torch_device = load_frozen(ckpt, arch, allow_partial, device)
     label = label or row_label(loaded)
     run_dir = Path(runs_dir) / (run_id or default_run_id(label, loaded, profile))
     ledger = Ledger(run_dir)
@@ -211,9 +216,7 @@ def extract_dataset(
         "places205": places_reader.places205,
     }
     image_list = readers[dataset](Path(data_root) / folder, split)
-    loaded = load_checkpoint(ckpt, arch=arch, allow_partial=allow_partial)
-    torch_device = torch.device(device) if device else dist.default_device()
-    backbone = freeze(build_backbone(loaded)).to(torch_device)
+    loaded, backbone, torch_device = load_frozen(ckpt, arch, allow_partial, device)
     cache_dir = paths.cache_root() / "features"
     feats = extract(backbone, image_list, transform=transform, layers=layers, pooling=pooling, size=size,
                     batch_size=batch_size, num_workers=num_workers, device=torch_device, cache_dir=cache_dir,
