@@ -31,7 +31,7 @@ from tqdm import tqdm
 from densecl_bench import dist
 from densecl_bench.backbone import POOL_GRID, Backbone, freeze, parse_layers, pool_feature
 from densecl_bench.config import ConfigError, require
-from densecl_bench.data.augment import build_train
+from densecl_bench.data.augment import build_train, sample_seed
 from densecl_bench.data.base import ImageList, ImageListDataset
 from densecl_bench.data.transforms import build as build_eval
 from densecl_bench.paths import atomic_torch_save
@@ -364,7 +364,7 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, index: int):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * len(self.base) + index) % 2**63)
+            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
             return self.base[index]
 
 

@@ -8,11 +8,18 @@ Every random choice draws from torch's global generator, so a caller that seeds 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision import transforms as T
 
 from densecl_bench.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_for, center_crop
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one sample of one epoch: seeding torch with it around a sample's
+    augmentation makes the views independent of worker count, world size and resumption."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
 
 # AlexNet's PCA of ImageNet RGB pixels (Krizhevsky et al. 2012), the constants every Lighting uses.
 IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)

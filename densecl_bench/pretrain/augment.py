@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import torch
 from PIL import Image, ImageFilter
 from torch import Tensor
 from torchvision import transforms as T
 
+from densecl_bench.data.augment import sample_seed
 from densecl_bench.data.base import ImageList, load_rgb
 from densecl_bench.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -53,11 +53,6 @@ def mocov2(size: int = 224) -> T.Compose:
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed for one sample of one epoch."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 class TwoViewDataset(torch.utils.data.Dataset):
