@@ -53,6 +53,9 @@ class RunContext:
     seed: int = 0
     num_workers: int = 2
     on_bad_image: str = "raise"
+    # image-list name -> indices of unreadable images left out (`on_bad_image: skip`); the runner
+    # records the counts in the ledger and the tables mark such rows
+    skipped_images: dict[str, list[int]] = field(default_factory=dict)
 
     def features(
         self,
