@@ -52,6 +52,25 @@ def test_voc_classes_sorted() -> None:
     assert list(VOC_CLASSES) == sorted(VOC_CLASSES) and len(VOC_CLASSES) == 20
 
 
+@pytest.mark.parametrize("module", ["densecl_bench.data.layout", "densecl_bench.data.voc"])
+def test_voc_classes_have_one_home_and_no_import_circle(module: str, tmp_path: Path) -> None:
+    """Each module imports first in a fresh interpreter, and checking a VOC folder never imports the reader."""
+    import subprocess
+    import sys
+
+    (tmp_path / "VOCdevkit" / "VOC2007").mkdir(parents=True)
+    code = f"""
+import sys, {module}
+from densecl_bench.data import layout
+layout.check_data_root({str(tmp_path)!r})
+assert ("densecl_bench.data.voc" in sys.modules) == {module.endswith("voc")}, "layout imported voc"
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from densecl_bench.data import layout
+
+    assert layout.VOC_CLASSES is VOC_CLASSES
+
 def test_voc07_labels_match_annotations(dirs: dict[str, Path]) -> None:
     """Labels from the per-class files agree with the XML objects: 1 present, 0 absent, -1 difficult-only."""
     for split in ("trainval", "test"):

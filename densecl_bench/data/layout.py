@@ -55,6 +55,15 @@ _DIRS = {
 PLACES_IMAGES = Path("data/vision/torralba/deeplearning/images256")
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)  # fmt: skip
+"""The 20 VOC classes in sorted (alphabetical) order: the names of the `<class>_<split>.txt` files and the
+column order of the SVM label matrix. Defined here, with the layout, so that voc.py and `check_data_root`
+share it without importing each other."""
+
 
 def dataset_dirs(root: str | os.PathLike[str]) -> dict[str, Path]:
     """Where each dataset lives under a data root (real or demo: the same layout)."""
@@ -129,8 +138,6 @@ def _check_listed(status: DatasetStatus, list_file: Path, *targets: tuple[str, s
 
 
 def _check_voc07(status: DatasetStatus) -> None:
-    from densecl_bench.data.voc import VOC_CLASSES  # voc.py imports this module
-
     if not _check_dirs(status, "JPEGImages", "Annotations", "ImageSets/Main"):
         return
     main = status.path / "ImageSets" / "Main"

@@ -14,14 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from densecl_bench.data.base import ImageList
-from densecl_bench.data.layout import layout_error, read_ids, require_dir, require_file
-
-VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-    "tvmonitor",
-)  # fmt: skip
-"""The 20 VOC classes in sorted (alphabetical) order: the column order of the SVM label matrix."""
+from densecl_bench.data.layout import VOC_CLASSES, layout_error, read_ids, require_dir, require_file
 
 # VOC per-class files say 1 present, -1 absent, 0 difficult-only; the SVM tools use 1 / 0 / -1 (ignore).
 _VOC_TO_SVM = {1: 1, -1: 0, 0: -1}
