@@ -1,18 +1,20 @@
 """Batched feature extraction with per-layer pooling and an on-disk cache.
 
 One backbone pass fills every requested layer. Each (checkpoint, dataset, split, layer, pooling,
-transform, size) combination is one float32 `.npy` file, read back memory-mapped; it is written
-to a temporary name and renamed only when complete, so an interrupted extraction never leaves a
-file that looks finished. Under torchrun each rank extracts a contiguous shard and rank 0 merges.
+transform, size, bad-image policy) combination is one float32 `.npy` file, read back memory-mapped;
+it is written to a temporary name and renamed only when complete, so an interrupted extraction never
+leaves a file that looks finished. A JSON sidecar beside it lists the rows of unreadable images left
+out under `on_bad_image: skip`. Under torchrun each rank extracts a contiguous shard and rank 0 merges.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import contextlib
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +25,24 @@ from tqdm import tqdm
 from densecl_bench import dist
 from densecl_bench.backbone import Backbone, pool_feature
 from densecl_bench.data import transforms
-from densecl_bench.data.base import ImageList, ImageListDataset
+from densecl_bench.data.base import ImageList, ImageListDataset, check_bad_image_policy, collate_readable
 from densecl_bench.paths import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
 
 def cache_file(
-    cache_dir: Path, ckpt_key: str, image_list: ImageList, layer: str, pooling: str, transform: str, size: int
+    cache_dir: Path, ckpt_key: str, image_list: ImageList, layer: str, pooling: str, transform: str, size: int,
+    *, on_bad_image: str,
 ) -> Path:
-    """The cache path of one layer's features; the name hashes everything that changes the numbers."""
+    """The cache path of one layer's features; the name hashes everything that changes the numbers.
+
+    The bad-image policy is in the key: a file written under `skip` may lack rows, and a run under
+    `raise` must fail on those images rather than read it. (A file written under `raise` has every
+    row, but keeping the policies apart means each file's sidecar records what its own policy did.)
+    """
     listing = hashlib.sha256("\n".join(str(p) for p in image_list.paths).encode()).hexdigest()
-    key = json.dumps([ckpt_key, image_list.name, listing, layer, pooling, transform, size])
+    key = json.dumps([ckpt_key, image_list.name, listing, layer, pooling, transform, size, on_bad_image])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     safe_name = image_list.name.replace("/", "_")
     return cache_dir / ckpt_key[:24] / safe_name / f"{layer}_{pooling}_{transform}{size}_{digest}.npy"
@@ -45,6 +53,7 @@ def _loader(dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int
         dataset,
         batch_size=batch_size,
         shuffle=False,
+        collate_fn=collate_readable,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
@@ -66,7 +75,8 @@ def _extract_into(
 ) -> list[int]:
     """Run the backbone over `dataset`, write pooled rows into `outputs[layer][index - offset]`.
 
-    Returns the indices of images that could not be read (zero rows, `on_bad_image: skip`).
+    Returns the indices of the images that could not be read (`on_bad_image: skip`): they never
+    reach the backbone, and their rows keep the zeros of the freshly created output file.
     """
     layers = list(outputs)
     cuda = device.type == "cuda"
@@ -74,7 +84,11 @@ def _extract_into(
         backbone = backbone.to(memory_format=torch.channels_last)
     bad: list[int] = []
     bar = tqdm(total=len(dataset), desc=f"extract {name}", unit="img", disable=None)
-    for images, index, ok in _loader(dataset, batch_size, num_workers, device):
+    for images, index, skipped in _loader(dataset, batch_size, num_workers, device):
+        bad.extend(skipped.tolist())
+        bar.update(len(index) + len(skipped))
+        if not len(images):
+            continue
         images = images.to(device, non_blocking=True)
         if cuda:
             images = images.to(memory_format=torch.channels_last)
@@ -83,10 +97,31 @@ def _extract_into(
         rows = (index - offset).numpy()
         for layer in layers:
             outputs[layer][rows] = pool_feature(feats[layer].float(), layer, pooling).cpu().numpy()
-        bad.extend(index[~ok].tolist())
-        bar.update(len(images))
     bar.close()
     return bad
+
+
+@dataclass(frozen=True)
+class Features:
+    """One image list's pooled features per layer: (N, D) float32, memory-mapped, row i for image i.
+
+    `skipped` are the rows of unreadable images (`on_bad_image: skip`, read from the sidecar): never
+    computed, zero, and not features of anything. Benchmarks read `readable()`, which leaves them out.
+    """
+
+    arrays: dict[str, np.ndarray]
+    files: dict[str, Path]
+    skipped: list[int]
+
+    def readable(self, image_list: ImageList) -> tuple[dict[str, np.ndarray], ImageList]:
+        """The arrays and `image_list` without the skipped rows, still row-aligned with each other.
+
+        Without skipped rows these are the memory-mapped arrays themselves; with some, an in-memory copy.
+        """
+        if not self.skipped:
+            return self.arrays, image_list
+        arrays = {layer: np.delete(a, self.skipped, axis=0) for layer, a in self.arrays.items()}
+        return arrays, image_list.without(self.skipped)
 
 
 def extract(
@@ -103,14 +138,18 @@ def extract(
     cache_dir: Path,
     ckpt_key: str,
     on_bad_image: str = "raise",
-) -> dict[str, np.ndarray]:
-    """Pooled features of `image_list` per layer, shape (N, D) float32, memory-mapped from the cache.
+) -> Features:
+    """Pooled features of `image_list` per layer, extracted into the cache or read from it.
 
-    A second call with the same arguments reads the cache and runs no forward pass.
+    A second call with the same arguments reads the cache and runs no forward pass. on_bad_image:
+    `raise` stops at the first unreadable image with its path; `skip` leaves it out (`Features.skipped`).
     """
     device = torch.device(device)
-    files = {layer: cache_file(cache_dir, ckpt_key, image_list, layer, pooling, transform, size) for layer in layers}
-    todo = {layer: f for layer, f in files.items() if not f.exists()}
+    check_bad_image_policy(on_bad_image)
+    files = {layer: cache_file(cache_dir, ckpt_key, image_list, layer, pooling, transform, size,
+                               on_bad_image=on_bad_image) for layer in layers}
+    # a file without its sidecar (a crash between the two renames) is redone: its skipped rows are unknown
+    todo = {layer: f for layer, f in files.items() if not (f.exists() and f.with_suffix(".json").exists())}
     if todo:
         dataset = ImageListDataset(image_list, transforms.build(transform, size), on_bad_image)
         backbone.eval()
@@ -122,7 +161,12 @@ def extract(
                 bad = _extract_into(backbone, dataset, image_list.name, outputs, pooling, batch_size,
                                     num_workers, device)
             _write_meta(todo, image_list, bad)
-    return {layer: np.load(files[layer], mmap_mode="r") for layer in layers}
+    skipped = json.loads(files[layers[0]].with_suffix(".json").read_text())["bad_indices"]
+    if skipped and dist.is_main():
+        log.warning("%s: %d unreadable images left out (on_bad_image: skip), e.g. %s; their rows are listed in %s",
+                    image_list.name, len(skipped), [str(image_list.paths[i]) for i in skipped[:5]],
+                    files[layers[0]].with_suffix(".json"))
+    return Features({layer: np.load(files[layer], mmap_mode="r") for layer in layers}, files, skipped)
 
 
 def _pooled_dims(backbone: Backbone, dataset: ImageListDataset, layers: Sequence[str], pooling: str,
@@ -177,9 +221,6 @@ def _extract_sharded(backbone, dataset, files: dict[str, Path], dims: dict[str, 
 
 
 def _write_meta(files: dict[str, Path], image_list: ImageList, bad: list[int]) -> None:
-    """A JSON sidecar per cache file: row count and the skipped (unreadable) images."""
-    if bad:
-        log.warning("%s: %d unreadable images were skipped (zero features), e.g. %s", image_list.name, len(bad),
-                    [str(image_list.paths[i]) for i in bad[:5]])
+    """A JSON sidecar per cache file: row count and the rows of the skipped (unreadable) images."""
     for f in files.values():
         atomic_write_json(f.with_suffix(".json"), {"n": len(image_list), "bad_indices": sorted(bad)})

@@ -1,6 +1,7 @@
 """Run by tests/test_features.py under `torchrun --nproc_per_node 2` (gloo, CPU): sharded extraction.
 
-argv: image folder, cache dir. Every rank extracts its shard; rank 0 merges into the cache file.
+argv: image folder, cache dir. Every rank extracts its shard; rank 0 merges into the cache file and
+the skipped (unreadable) rows of all shards into its sidecar.
 """
 
 import sys
@@ -23,5 +24,6 @@ images = ImageList("toy/train", root, paths, np.arange(len(paths)), [str(i) for 
 backbone = Backbone("resnet18")
 backbone.load_state_dict(random_state_dict("resnet18"))
 out = extract(freeze(backbone), images, transform="voc_svm", layers=["feature5"], pooling="adaptive", size=64,
-              batch_size=2, num_workers=0, cache_dir=cache, ckpt_key="dist")
-assert out["feature5"].shape == (len(paths), 2048)
+              batch_size=2, num_workers=0, cache_dir=cache, ckpt_key="dist", on_bad_image="skip")
+assert out.arrays["feature5"].shape == (len(paths), 2048)
+assert out.skipped == [i for i, p in enumerate(paths) if "broken" in p.name]

@@ -20,7 +20,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from densecl_bench.data import demo
-from densecl_bench.data.base import BadImageError, DataLayoutError, ImageList, ImageListDataset
+from densecl_bench.data.base import BadImageError, DataLayoutError, ImageList, ImageListDataset, collate_readable
 from densecl_bench.data.coco import coco_instances
 from densecl_bench.data.imagenet import imagenet
 from densecl_bench.data.layout import check_data_root, dataset_dirs, format_report
@@ -316,8 +316,15 @@ def test_bad_image_raise_and_skip(tmp_path: Path) -> None:
             strict[index]
     lenient = ImageListDataset(images, to_array, on_bad_image="skip")
     results = [lenient[i] for i in range(3)]
-    assert [ok for _, _, ok in results] == [True, False, False] and lenient.bad == [1, 2]
-    assert results[1][0].shape == results[0][0].shape and not results[1][0].any()
+    assert [ok for _, _, ok in results] == [True, False, False]
+    assert results[1][0].shape == results[0][0].shape
+    # collated, the placeholders are gone: only the readable image and the skipped indices remain
+    batch, index, skipped = collate_readable(results)
+    assert torch.equal(batch, results[0][0][None]) and index.tolist() == [0] and skipped.tolist() == [1, 2]
+    empty, index, skipped = collate_readable(results[1:])
+    assert empty.shape == (0, *results[0][0].shape) and index.tolist() == [] and skipped.tolist() == [1, 2]
+    with pytest.raises(ValueError, match="on_bad_image"):
+        ImageListDataset(images, to_array, on_bad_image="ignore")
 
 
 # ------------------------------------------------------------------------------------------- demo writing

@@ -65,11 +65,15 @@ class RunContext:
         pooling: str,
         size: int = 224,
         batch_size: int = 32,
-    ) -> dict[str, np.ndarray]:
-        """Pooled features per layer for `image_list` (float32, memory-mapped), cached by checkpoint sha256."""
+    ) -> tuple[dict[str, np.ndarray], ImageList]:
+        """Pooled features per layer (float32), cached by checkpoint sha256, and the images they belong to.
+
+        Under `on_bad_image: skip` the unreadable images are left out of both, row for row, so that
+        no benchmark can train or test on them, and recorded in `skipped_images`.
+        """
         from densecl_bench.features import extract
 
-        return extract(
+        out = extract(
             self.backbone,
             image_list,
             transform=transform,
@@ -83,6 +87,9 @@ class RunContext:
             ckpt_key=self.checkpoint.sha256,
             on_bad_image=self.on_bad_image,
         )
+        if out.skipped:
+            self.skipped_images[image_list.name] = out.skipped
+        return out.readable(image_list)
 
 
 class Benchmark(ABC):

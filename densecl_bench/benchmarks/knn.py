@@ -28,12 +28,11 @@ class ImagenetKnn(Benchmark):
     def run(self, ctx: RunContext) -> list[Metric]:
         cfg = ctx.config
         root = ctx.data_root / "imagenet"
-        splits = {split: imagenet(root, split) for split in ("train", "val")}
-        feats = {
-            split: ctx.features(images, cfg["transform"], [cfg["layer"]], "global", cfg["image_size"],
-                                cfg["batch_size"])[cfg["layer"]]
-            for split, images in splits.items()
-        }
+        feats, splits = {}, {}
+        for split in ("train", "val"):  # unreadable images skipped under `skip` are neither bank nor query
+            layers, splits[split] = ctx.features(imagenet(root, split), cfg["transform"], [cfg["layer"]], "global",
+                                                 cfg["image_size"], cfg["batch_size"])
+            feats[split] = layers[cfg["layer"]]
         results = knn_classify(
             feats["train"],
             splits["train"].labels,

@@ -23,13 +23,19 @@ TABLE = "VOC SVM / Low-shot SVM"
 
 def _voc_features(ctx: RunContext, layers: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray,
                                                                  dict[str, np.ndarray], np.ndarray]:
-    """trainval and test features per layer plus their N x 20 labels (1 / 0 / -1)."""
+    """trainval and test features per layer plus their N x 20 labels (1 / 0 / -1).
+
+    Unreadable images skipped under `on_bad_image: skip` are in neither: never trained on, drawn
+    as a low-shot sample, or tested.
+    """
     cfg = ctx.config
     voc = ctx.data_root / "VOCdevkit" / "VOC2007"
-    splits = {split: voc07_classification(voc, split) for split in ("trainval", "test")}
-    feats = {split: ctx.features(images, cfg["transform"], layers, cfg["pooling"], cfg["image_size"],
-                                 cfg["batch_size"]) for split, images in splits.items()}
-    return feats["trainval"], splits["trainval"].labels, feats["test"], splits["test"].labels
+    feats, labels = {}, {}
+    for split in ("trainval", "test"):
+        feats[split], images = ctx.features(voc07_classification(voc, split), cfg["transform"], layers,
+                                            cfg["pooling"], cfg["image_size"], cfg["batch_size"])
+        labels[split] = images.labels
+    return feats["trainval"], labels["trainval"], feats["test"], labels["test"]
 
 
 def _solver_args(ctx: RunContext) -> dict[str, Any]:

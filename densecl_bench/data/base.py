@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
+from torch.utils.data import default_collate
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,12 @@ class ImageList:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def without(self, indices: Sequence[int]) -> ImageList:
+        """The same list less the images at `indices` (the unreadable ones), labels still row-aligned."""
+        dropped = set(indices)
+        return replace(self, paths=[p for i, p in enumerate(self.paths) if i not in dropped],
+                       labels=np.delete(self.labels, list(dropped), axis=0))
+
 
 def load_rgb(path: Path) -> Image.Image:
     """Open an image as RGB (the protocols load through PIL), naming the path on failure."""
@@ -54,22 +61,31 @@ def load_rgb(path: Path) -> Image.Image:
         raise BadImageError(f"cannot read image {path}: {err}") from err
 
 
+BAD_IMAGE_POLICIES = ("raise", "skip")
+
+
+def check_bad_image_policy(policy: str) -> str:
+    """`raise` (stop, naming the file) or `skip` (leave the image out); anything else is a caller's error."""
+    if policy not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, not {policy!r}")
+    return policy
+
+
 @dataclass
 class ImageListDataset(torch.utils.data.Dataset):
     """Loads `image_list` images through `transform`; yields (image, index, ok).
 
-    on_bad_image: `raise` fails with the path; `skip` logs it, yields a zero image with ok=False
-    so that row order (and every feature cache index) is preserved, and counts it in `bad`.
+    on_bad_image: `raise` fails with the path; `skip` logs it and yields a zero placeholder with
+    ok=False. Load through `collate_readable`, which drops the placeholder: it keeps the batch's
+    shape known when every image of a batch is unreadable, and never reaches a model.
     """
 
     image_list: ImageList
     transform: Callable[[Image.Image], Tensor]
     on_bad_image: str = "raise"
-    bad: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.on_bad_image not in ("raise", "skip"):
-            raise ValueError(f"on_bad_image must be 'raise' or 'skip', not {self.on_bad_image!r}")
+        check_bad_image_policy(self.on_bad_image)
 
     def __len__(self) -> int:
         return len(self.image_list)
@@ -82,6 +98,14 @@ class ImageListDataset(torch.utils.data.Dataset):
             if self.on_bad_image == "raise":
                 raise
             log.warning("skipping unreadable image %s", path)
-            self.bad.append(index)
-            probe = self.transform(Image.new("RGB", (256, 256)))
-            return torch.zeros_like(probe), index, False
+            return torch.zeros_like(self.transform(Image.new("RGB", (256, 256)))), index, False
+
+
+def collate_readable(batch: Sequence[tuple[Tensor, int, bool]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch `ImageListDataset` samples as (images, indices) of the readable ones plus the skipped indices.
+
+    A batch whose images are all unreadable becomes an empty (0, C, H, W) batch: every rank still
+    runs its forward, so DDP and synchronised BN see the same collectives on all ranks.
+    """
+    images, index, ok = default_collate(batch)
+    return images[ok], index[ok], index[~ok]
