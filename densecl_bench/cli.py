@@ -107,14 +107,17 @@ def data_check(root: Path) -> None:
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--device", default=None)
+@click.option("--skip-bad-images", is_flag=True,
+              help="Leave unreadable images out (zero rows, listed in each file's .json sidecar) instead of failing.")
 def extract(ckpt: str, dataset: str, split: str, layers: str, data_root: Path | None, pooling: str | None,
-            size: int | None, batch_size: int, workers: int, device: str | None) -> None:
+            size: int | None, batch_size: int, workers: int, device: str | None, skip_bad_images: bool) -> None:
     """Extract pooled features into the on-disk cache (a second call is a cache hit)."""
     from densecl_bench.backbone import parse_layers
     from densecl_bench.runner import extract_dataset
 
     out = extract_dataset(ckpt, dataset, split, parse_layers(layers), data_root=data_root, pooling=pooling, size=size,
-                          batch_size=batch_size, num_workers=workers, device=device)
+                          batch_size=batch_size, num_workers=workers, device=device,
+                          on_bad_image="skip" if skip_bad_images else "raise")
     for layer, (path, shape) in out.items():
         click.echo(f"{layer}: {shape[0]} x {shape[1]}  {path}")
 

@@ -189,15 +189,17 @@ def extract_dataset(
     device: str | None = None,
     arch: str | None = None,
     allow_partial: bool = False,
+    on_bad_image: str = "raise",
 ) -> dict[str, tuple[Path, tuple[int, ...]]]:
     """Extract (or read from the cache) one split's pooled features; returns {layer: (cache file, shape)}.
 
-    Without a data root, the demo datasets are used at the demo size (96 px, adaptive pooling).
+    Without a data root, the demo datasets are used at the demo size (96 px, adaptive pooling). Under
+    `on_bad_image: skip` the rows of unreadable images are zero and listed in each file's `.json` sidecar.
     """
     from densecl_bench.data import imagenet as imagenet_reader
     from densecl_bench.data import places as places_reader
     from densecl_bench.data import voc as voc_reader
-    from densecl_bench.features import cache_file, extract
+    from densecl_bench.features import extract
 
     if dataset not in EXTRACT_DATASETS:
         raise KeyError(f"unknown dataset {dataset!r}: expected one of {', '.join(EXTRACT_DATASETS)}")
@@ -220,8 +222,5 @@ def extract_dataset(
     cache_dir = paths.cache_root() / "features"
     feats = extract(backbone, image_list, transform=transform, layers=layers, pooling=pooling, size=size,
                     batch_size=batch_size, num_workers=num_workers, device=torch_device, cache_dir=cache_dir,
-                    ckpt_key=loaded.sha256)
-    return {
-        layer: (cache_file(cache_dir, loaded.sha256, image_list, layer, pooling, transform, size), arr.shape)
-        for layer, arr in feats.items()
-    }
+                    ckpt_key=loaded.sha256, on_bad_image=on_bad_image)
+    return {layer: (feats.files[layer], arr.shape) for layer, arr in feats.arrays.items()}

@@ -8,6 +8,7 @@ same benchmark on the dataset with those images removed from its lists.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +144,20 @@ def test_knn_under_skip_equals_knn_without_the_images(tmp_path):
     assert ctx.skipped_images == {"imagenet_train": [8], "imagenet_val": [6]}  # class-major order
     with pytest.raises(BadImageError, match="002.JPEG"):
         run(ImagenetKnn(), tmp_path / "bad", tmp_path / "c", "raise", **ks)
+
+
+def test_extract_command_skips_on_request_and_the_sidecar_lists_the_rows(tmp_path):
+    from click.testing import CliRunner
+
+    from densecl_bench.cli import main
+
+    write_imagenet(tmp_path, {"val": 1}, {"val": (2, 0)}, corrupt=True)
+    args = ["extract", "--ckpt", "random", "--dataset", "imagenet", "--split", "val", "--data-root", str(tmp_path),
+            "--layers", "feature5", "--pooling", "global", "--size", "64", "--workers", "0"]
+    strict = CliRunner().invoke(main, args)
+    assert strict.exit_code != 0 and "n02/000.JPEG" in str(strict.exception)
+    lenient = CliRunner().invoke(main, [*args, "--skip-bad-images"])
+    assert lenient.exit_code == 0, lenient.output
+    line = next(line for line in lenient.output.splitlines() if line.startswith("feature5:"))
+    assert line.split()[:4] == ["feature5:", "4", "x", "2048"]  # every row kept: row i is image i
+    assert json.loads(Path(line.split()[-1]).with_suffix(".json").read_text()) == {"n": 4, "bad_indices": [2]}
