@@ -32,7 +32,7 @@ from densecl_bench import dist
 from densecl_bench.backbone import POOL_GRID, Backbone, freeze, parse_layers, pool_feature
 from densecl_bench.config import ConfigError, require
 from densecl_bench.data.augment import build_train, sample_seed
-from densecl_bench.data.base import ImageList, ImageListDataset
+from densecl_bench.data.base import ImageList, ImageListDataset, collate_readable
 from densecl_bench.data.transforms import build as build_eval
 from densecl_bench.paths import atomic_torch_save
 
@@ -303,29 +303,29 @@ class Probe:
         with self.autocast(), torch.inference_mode():
             return self.heads.pool(self.backbone(images, self.heads.layers))
 
-    def loss(self, images: Tensor, labels: Tensor, ok: Tensor) -> Tensor:
-        """Sum over heads of the mean cross-entropy (unreadable images, ok=False, are left out)."""
+    def loss(self, images: Tensor, labels: Tensor) -> Tensor:
+        """Sum over heads of the mean cross-entropy (zero, with a graph, for an empty batch)."""
         # inference tensors cannot enter autograd; the pooled maps are small, so copy them out
         pooled = {name: t.float().clone() for name, t in self.pooled(images).items()}
         with self.autocast():
             logits = self.model(pooled)
-        weight = ok.to(self.device, torch.float32)
-        total = weight.sum().clamp_min(1)
-        return sum(
-            (F.cross_entropy(out.float(), labels, reduction="none") * weight).sum() / total
-            for out in logits.values()
-        )
+        n = max(len(labels), 1)
+        return sum(F.cross_entropy(out.float(), labels, reduction="sum") / n for out in logits.values())
 
 
 @torch.inference_mode()
-def evaluate(probe: Probe, loader: DataLoader, labels: Tensor, progress: bool | None = None) -> dict[str, dict[str, float]]:
-    """Top-1 / top-5 accuracy (percent) per head over every rank's shard of the evaluation set."""
+def evaluate(probe: Probe, loader: DataLoader, labels: Tensor, progress: bool | None = None) -> dict[str, Any]:
+    """Top-1 / top-5 accuracy (percent) per head over every rank's shard of the evaluation set.
+
+    Unreadable images (`on_bad_image: skip`) are not in the count; `skipped` lists them.
+    """
     probe.heads.eval()
     layers = probe.heads.layers
     correct = torch.zeros(2, len(layers), dtype=torch.float64, device=probe.device)
     count = torch.zeros(1, dtype=torch.float64, device=probe.device)
-    for images, index, ok in tqdm(loader, desc="eval", leave=False, disable=_disable(progress)):
-        keep = ok.to(probe.device)
+    skipped: list[int] = []
+    for images, index, unreadable in tqdm(loader, desc="eval", leave=False, disable=_disable(progress)):
+        skipped += unreadable.tolist()
         y = labels[index.to(labels.device)]
         with probe.autocast():
             out = probe.heads(probe.pooled(images))
@@ -333,13 +333,21 @@ def evaluate(probe: Probe, loader: DataLoader, labels: Tensor, progress: bool | 
             k = min(5, out[name].shape[1])
             top = out[name].float().topk(k, dim=1).indices
             hit = top.eq(y[:, None])
-            correct[0, j] += (hit[:, 0] & keep).sum()
-            correct[1, j] += (hit.any(1) & keep).sum()
-        count += keep.sum()
+            correct[0, j] += hit[:, 0].sum()
+            correct[1, j] += hit.any(1).sum()
+        count += len(y)
     dist.all_reduce_sum(correct)
     dist.all_reduce_sum(count)
     acc = (100.0 * correct / count.clamp_min(1)).tolist()
-    return {"top1": dict(zip(layers, acc[0])), "top5": dict(zip(layers, acc[1]))}
+    return {"top1": dict(zip(layers, acc[0])), "top5": dict(zip(layers, acc[1])),
+            "skipped": _union_over_ranks(skipped, len(labels), probe.device)}
+
+
+def _union_over_ranks(indices: list[int], n: int, device: torch.device) -> list[int]:
+    """The sorted union over ranks of each rank's `indices` (< n): one all-reduce of an n-long mask."""
+    mask = torch.zeros(n, dtype=torch.int32, device=device)
+    mask[indices] = 1
+    return dist.all_reduce_sum(mask).nonzero().flatten().tolist()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,6 +384,7 @@ def _loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.d
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         drop_last=False,
+        collate_fn=collate_readable,  # unreadable images (`on_bad_image: skip`) leave the batch here
     )
 
 
@@ -400,6 +409,7 @@ class ProbeResult:
     plan: BatchPlan
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from_epoch: int = 0
+    skipped: dict[str, list[int]] = field(default_factory=dict)  # list name -> unreadable images left out
 
     def extra(self, layer: str) -> dict[str, Any]:
         """What the ledger keeps beside a head's top-1: its top-5 and the batch plan (policy, LR, steps)."""
@@ -454,6 +464,9 @@ def train_probe(
     key: identifies what the checkpoint belongs to (backbone sha256, config fingerprint, seed); a
     checkpoint with another key is ignored and overwritten. Evaluations run every `eval_interval`
     epochs and, with `final_eval`, at the last epoch; the result is the last evaluation.
+    on_bad_image: `raise` stops at an unreadable image with its path; `skip` drops it from its batch
+    (the loss and the heads' BN statistics are the readable images' alone) and from the evaluation
+    count, and `ProbeResult.skipped` lists it.
     """
     if train_list.classes != val_list.classes:
         raise ValueError(f"{name}: train and val class lists differ ({len(train_list.classes)} vs {len(val_list.classes)})")
@@ -493,11 +506,14 @@ def train_probe(
             group["lr"] = lr
         sampler.set_epoch(epoch)
         train_set.set_epoch(epoch)
-        loss = _train_epoch(probe, optimizer, train_loader, train_labels, plan, f"{name} {epoch + 1}/{recipe.epochs}", progress)
-        record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "loss": loss}
+        loss, skipped = _train_epoch(probe, optimizer, train_loader, train_labels, plan,
+                                     f"{name} {epoch + 1}/{recipe.epochs}", progress)
+        record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "loss": loss, "skipped": {train_list.name: skipped}}
         last = epoch + 1 == recipe.epochs
         if (epoch + 1) % recipe.eval_interval == 0 or (last and recipe.final_eval):
-            record.update(evaluate(probe, val_loader, val_labels, progress))
+            evaluation = evaluate(probe, val_loader, val_labels, progress)
+            record["skipped"][val_list.name] = evaluation.pop("skipped")
+            record.update(evaluation)
             if dist.is_main():
                 top1 = ", ".join(f"{k} {v:.2f}" for k, v in record["top1"].items())
                 log.info("%s epoch %d: top-1 %s", name, epoch + 1, top1)
@@ -527,6 +543,7 @@ def train_probe(
         plan=plan,
         history=history,
         resumed_from_epoch=start,
+        skipped={name: rows for name, rows in final.get("skipped", {}).items() if rows},
     )
 
 
@@ -539,8 +556,9 @@ def _train_epoch(
     desc: str,
     progress: bool | None,
     check_every: int = 10,
-) -> float:
-    """One epoch; returns the mean loss. Steps every `plan.accumulate_steps` passes (and at the end).
+) -> tuple[float, list[int]]:
+    """One epoch; returns the mean loss and the unreadable images left out (all ranks). Steps every
+    `plan.accumulate_steps` passes (and at the end).
 
     The loss is checked for NaN/inf every `check_every` passes, reduced over ranks so that all stop together.
     """
@@ -551,13 +569,15 @@ def _train_epoch(
     seen_loss = torch.zeros(2, dtype=torch.float64, device=probe.device)  # loss sum, passes
     images_seen, t0 = 0, time.perf_counter()
     bar = tqdm(loader, desc=desc, leave=False, disable=_disable(progress))
-    for i, (images, index, ok) in enumerate(bar):
+    skipped: list[int] = []
+    for i, (images, index, unreadable) in enumerate(bar):
+        skipped += unreadable.tolist()
         group_start = i - i % acc
         group = min(acc, n - group_start)  # the last group may be short
         stepping = i == group_start + group - 1
         sync = nullcontext() if stepping or not isinstance(probe.model, nn.parallel.DistributedDataParallel) else probe.model.no_sync()
         with sync:
-            loss = probe.loss(images, labels[index.to(labels.device)], ok)
+            loss = probe.loss(images, labels[index.to(labels.device)])
             (loss / group).backward()
         if stepping:
             optimizer.step()
@@ -575,4 +595,4 @@ def _train_epoch(
             rate = images_seen * dist.world_size() / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{rate:.1f}")
     total = dist.all_reduce_sum(seen_loss.clone())
-    return (total[0] / total[1].clamp_min(1)).item()
+    return (total[0] / total[1].clamp_min(1)).item(), _union_over_ranks(skipped, len(labels), probe.device)

@@ -161,3 +161,39 @@ def test_extract_command_skips_on_request_and_the_sidecar_lists_the_rows(tmp_pat
     line = next(line for line in lenient.output.splitlines() if line.startswith("feature5:"))
     assert line.split()[:4] == ["feature5:", "4", "x", "2048"]  # every row kept: row i is image i
     assert json.loads(Path(line.split()[-1]).with_suffix(".json").read_text()) == {"n": 4, "bad_indices": [2]}
+
+
+class SpyBackbone(Backbone):
+    """Counts the images it is given and the blank placeholders among them (all-zero after normalisation)."""
+
+    def __init__(self) -> None:
+        super().__init__("resnet18")
+        self.seen, self.blank = 0, 0
+
+    def forward(self, x, layers=("feature1", "feature2", "feature3", "feature4", "feature5")):
+        self.seen += len(x)
+        self.blank += int((x.flatten(1).abs().sum(1) == 0).sum())
+        return super().forward(x, layers)
+
+
+def test_linear_probes_under_skip_never_see_the_images_and_report_them(tmp_path):
+    from densecl_bench.benchmarks.linear import ImagenetLinear
+
+    splits, drop = {"train": 4, "val": 2}, {"train": (1, 2), "val": (3, 1)}
+    write_imagenet(tmp_path, splits, drop, corrupt=True)
+    cfg = config.merge(config.load(ImagenetLinear.config, "benchmarks", "demo"),
+                       {"image_size": 16, "epochs": 2, "lr_steps": [], "total_batch_size": 4, "batch_size_per_gpu": 4,
+                        "eval_interval": 1, "world_size": 1, "avgpool_config": "resnet50_linear-8xb32-steplr-100e_in1k"})
+    ckpt = LoadedCheckpoint(state_dict={}, arch="resnet18", layout="random", sha256="b" * 64, path="random")
+    backbone = SpyBackbone()
+    ctx = RunContext(backbone=freeze(backbone), checkpoint=ckpt, data_root=tmp_path, demo=True, device=CPU,
+                     run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", config=cfg, num_workers=0,
+                     on_bad_image="skip")
+    bench = ImagenetLinear()
+    metrics = bench.run(ctx)
+    assert backbone.blank == 0 and backbone.seen > 0  # no placeholder reached the backbone, in training or eval
+    assert ctx.skipped_images == {"imagenet_train": [6], "imagenet_val": [7]}
+    assert {m.name for m in metrics} == {"feature1", "feature2", "feature3", "feature4", "feature5", "avgpool"}
+    ctx.on_bad_image, ctx.run_dir = "raise", tmp_path / "run2"
+    with pytest.raises(BadImageError, match="002.JPEG"):
+        bench.run(ctx)

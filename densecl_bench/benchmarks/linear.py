@@ -25,22 +25,25 @@ def run_probe(ctx: RunContext, cfg: dict[str, Any], probe: str, train: ImageList
     """Train one probe of `cfg` on the context's backbone; its checkpoint is `<run_dir>/<probe>_last.pth`.
 
     The resume key ties the checkpoint to the backbone's sha256, the config (world size left out: the
-    global batches do not depend on it) and the seed.
+    global batches do not depend on it), the seed and the bad-image policy. Images the probe skipped go to
+    `ctx.skipped_images`.
     """
     keyed = {k: v for k, v in cfg.items() if k != "world_size"}
-    return train_probe(
+    result = train_probe(
         ctx.backbone,
         Recipe.from_config(cfg),
         train,
         val,
         ctx.run_dir / f"{probe}_last.pth",
         device=ctx.device,
-        key=f"{ctx.checkpoint.sha256}:{config.fingerprint(keyed)}:seed{ctx.seed}",
+        key=f"{ctx.checkpoint.sha256}:{config.fingerprint(keyed)}:seed{ctx.seed}:{ctx.on_bad_image}",
         seed=ctx.seed,
         num_workers=ctx.num_workers,
         on_bad_image=ctx.on_bad_image,
         name=f"{probe} ({cfg.get('_config', '?')})",
     )
+    ctx.skipped_images.update(result.skipped)
+    return result
 
 
 def head_metrics(benchmark: str, result: ProbeResult, cfg: dict[str, Any], names: dict[str, str]) -> list[Metric]:
