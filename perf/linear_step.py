@@ -62,7 +62,6 @@ def main() -> None:
                                 nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
     images = torch.randn(args.batch_size, 3, args.size, args.size)
     labels = torch.randint(0, args.classes, (args.batch_size,), device=device)
-    ok = torch.ones(args.batch_size, dtype=torch.bool)
     x = images.to(device)
     if probe.fast:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -72,7 +71,7 @@ def main() -> None:
             probe.backbone(x)
 
     def train_step() -> None:
-        probe.loss(images, labels, ok).backward()
+        probe.loss(images, labels).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -197,3 +197,42 @@ def test_linear_probes_under_skip_never_see_the_images_and_report_them(tmp_path)
     ctx.on_bad_image, ctx.run_dir = "raise", tmp_path / "run2"
     with pytest.raises(BadImageError, match="002.JPEG"):
         bench.run(ctx)
+
+
+def _pretrain_images(root: Path, n: int = 12) -> list[Path]:
+    rng = np.random.default_rng(2)
+    paths = [root / f"{i:03d}.jpg" for i in range(n)]
+    for i, path in enumerate(paths):
+        _image(path, i % 3, rng)
+    return paths
+
+
+def test_pretraining_under_skip_samples_the_next_readable_image_instead(tmp_path):
+    """A full batch is kept (the queues need it): the slot of the unreadable image 4 trains on image 5."""
+    from test_pretrain import tiny_cfg
+
+    from densecl_bench.data.base import ImageList
+    from densecl_bench.pretrain.augment import TwoViewDataset, mocov2
+    from densecl_bench.pretrain.train import train
+
+    paths = _pretrain_images(tmp_path)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(CORRUPT)
+    labels = np.zeros(len(paths), np.int64)
+    bad = ImageList("bad", tmp_path, [*paths[:4], broken, *paths[5:]], labels, ["x"])
+    substituted = ImageList("sub", tmp_path, [*paths[:4], paths[5], *paths[5:]], labels, ["x"])
+
+    views = TwoViewDataset(bad, mocov2(32), seed=3, on_bad_image="skip")[(4, 1)]
+    expected = TwoViewDataset(substituted, mocov2(32), seed=3)[(4, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(views, expected))
+    with pytest.raises(BadImageError, match="broken.jpg"):
+        TwoViewDataset(bad, mocov2(32), seed=3)[(4, 1)]
+    with pytest.raises(BadImageError, match="none of its 1 images"):
+        TwoViewDataset(ImageList("b", tmp_path, [broken], labels[:1], ["x"]), mocov2(32), on_bad_image="skip")[(0, 0)]
+
+    skip_cfg = tiny_cfg(epochs=1, data={"on_bad_image": "skip"})
+    got = torch.load(train(skip_cfg, bad, tmp_path / "skip"), weights_only=True)["state_dict"]
+    want = torch.load(train(tiny_cfg(epochs=1), substituted, tmp_path / "sub"), weights_only=True)["state_dict"]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    with pytest.raises(BadImageError, match="broken.jpg"):
+        train(tiny_cfg(epochs=1), bad, tmp_path / "raise")

@@ -47,7 +47,7 @@ def tiny_cfg(**over) -> dict:
         "_config": "tiny", "seed": 0,
         "model": {"arch": "resnet18", "queue_len": 16, "feat_dim": 8, "momentum": 0.9, "temperature": 0.2,
                   "loss_lambda": 0.5, "loss_lambda_warmup_iters": 0},
-        "data": {"image_size": 64, "batch_size_per_gpu": 4, "num_workers": 0},
+        "data": {"image_size": 64, "batch_size_per_gpu": 4, "num_workers": 0, "on_bad_image": "raise"},
         "optimizer": {"lr": 0.05, "lr_reference_batch": 4, "momentum": 0.9, "weight_decay": 1e-4},
         "lr_schedule": "cosine", "epochs": 2, "checkpoint_interval": 1, "keep_checkpoints": 5, "log_interval": 1,
         "precision": "bf16", "channels_last": True, "compile": False,

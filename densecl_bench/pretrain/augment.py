@@ -11,6 +11,7 @@ same views by skipping the batches it has already seen.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 
 import torch
@@ -19,8 +20,10 @@ from torch import Tensor
 from torchvision import transforms as T
 
 from densecl_bench.data.augment import sample_seed
-from densecl_bench.data.base import ImageList, load_rgb
+from densecl_bench.data.base import BadImageError, ImageList, check_bad_image_policy, load_rgb
 from densecl_bench.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
 
 
 class GaussianBlur:
@@ -60,17 +63,36 @@ class TwoViewDataset(torch.utils.data.Dataset):
 
     The views are drawn inside a forked torch RNG seeded by `sample_seed`, so the caller's RNG state
     is left untouched (the main process stays deterministic with num_workers=0 too).
+
+    on_bad_image: `raise` fails with the path; `skip` never samples an unreadable image: its slot
+    takes the next readable image of the list (with the slot's views seed). Dropping it from the batch
+    is not an option here: the queues advance by whole global batches and the ranks all-gather
+    equal-sized key batches.
     """
 
-    def __init__(self, image_list: ImageList, transform: Callable[[Image.Image], Tensor], seed: int = 0) -> None:
+    def __init__(self, image_list: ImageList, transform: Callable[[Image.Image], Tensor], seed: int = 0,
+                 on_bad_image: str = "raise") -> None:
         self.image_list, self.transform, self.seed = image_list, transform, seed
+        self.on_bad_image = check_bad_image_policy(on_bad_image)
 
     def __len__(self) -> int:
         return len(self.image_list)
 
+    def _load(self, index: int) -> Image.Image:
+        paths = self.image_list.paths
+        for step in range(len(paths)):
+            try:
+                return load_rgb(paths[(index + step) % len(paths)])
+            except BadImageError:
+                if self.on_bad_image == "raise":
+                    raise
+                if step == 0:
+                    log.warning("skipping unreadable image %s: the next readable image takes its place", paths[index])
+        raise BadImageError(f"{self.image_list.name}: none of its {len(paths)} images can be read")
+
     def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, Tensor]:
         index, epoch = item
-        img = load_rgb(self.image_list.paths[index])
+        img = self._load(index)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, index))
             return self.transform(img), self.transform(img)

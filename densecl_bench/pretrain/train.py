@@ -206,7 +206,8 @@ def train(
     if dist.is_dist():
         net = DistributedDataParallel(model, device_ids=[device] if cuda else None, broadcast_buffers=False)
 
-    dataset = TwoViewDataset(image_list, mocov2(_get(cfg, "data.image_size", int)), seed=seed)
+    dataset = TwoViewDataset(image_list, mocov2(_get(cfg, "data.image_size", int)), seed=seed,
+                             on_bad_image=_get(cfg, "data.on_bad_image", str))
     sampler = EpochSampler(len(image_list), batch, 0, seed, rank, world)
     workers = _get(cfg, "data.num_workers", int)
     loader = torch.utils.data.DataLoader(
