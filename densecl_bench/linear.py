@@ -304,13 +304,20 @@ class Probe:
             return self.heads.pool(self.backbone(images, self.heads.layers))
 
     def loss(self, images: Tensor, labels: Tensor) -> Tensor:
-        """Sum over heads of the mean cross-entropy (zero, with a graph, for an empty batch)."""
+        """Sum over heads of the mean cross-entropy over this pass's images on all ranks.
+
+        DDP averages the ranks' gradients, so each rank divides its sum by the mean per-rank count:
+        ranks left with fewer images by skipped unreadable ones (or none: the loss is then zero, with
+        a graph) weigh each image as one process over the whole global batch would.
+        """
         # inference tensors cannot enter autograd; the pooled maps are small, so copy them out
         pooled = {name: t.float().clone() for name, t in self.pooled(images).items()}
         with self.autocast():
             logits = self.model(pooled)
-        n = max(len(labels), 1)
-        return sum(F.cross_entropy(out.float(), labels, reduction="sum") / n for out in logits.values())
+        world = dist.world_size()
+        per_rank = dist.all_reduce_sum(torch.tensor(float(len(labels)), device=self.device)) / world
+        total = sum(F.cross_entropy(out.float(), labels, reduction="sum") for out in logits.values())
+        return total / per_rank.clamp_min(1 / world)  # any non-zero count is at least 1 / world
 
 
 @torch.inference_mode()

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DistributedSampler
 
 from densecl_bench import config, linear
 from densecl_bench.backbone import LAYERS, Backbone, freeze, pool_feature
@@ -314,17 +315,29 @@ spec = json.loads(Path(sys.argv[1]).read_text())
 lists = [ImageList(s["name"], Path(s["root"]), [Path(p) for p in s["paths"]], np.array(s["labels"]), s["classes"])
          for s in spec["lists"]]
 res = train_probe(tiny_backbone(), tiny_recipe(**spec["recipe"]), *lists, Path(sys.argv[2]) / "ck.pth",
-                  device=torch.device("cpu"), num_workers=0, progress=False)
+                  device=torch.device("cpu"), num_workers=0, on_bad_image="skip", progress=False)
 if dist.is_main():
-    (Path(sys.argv[2]) / "result.json").write_text(json.dumps({"top1": res.top1, "top5": res.top5}))
+    (Path(sys.argv[2]) / "result.json").write_text(json.dumps({"top1": res.top1, "top5": res.top5,
+                                                               "skipped": res.skipped}))
 torch.distributed.destroy_process_group()
 """
 
 
-def test_ddp_two_gloo_processes_match_one(toy, tmp_path):
-    """torchrun --nproc_per_node 2 on CPU: same global batches, SyncBN statistics and averaged gradients."""
+@pytest.mark.parametrize("unreadable", [False, True], ids=["readable", "unreadable_skipped"])
+def test_ddp_two_gloo_processes_match_one(toy, tmp_path, unreadable):
+    """torchrun --nproc_per_node 2 on CPU: same global batches, SyncBN statistics and averaged gradients.
+
+    With unreadable images skipped, rank 0's first pass is empty and rank 1's is full: the step must
+    still weigh every readable image as one process does.
+    """
     train, val = toy
     overrides = {"epochs": 2, "total_batch_size": 8, "batch_size_per_gpu": 4}  # 2 x 4 = 8 per step
+    if unreadable:
+        broken = tmp_path / "broken.png"
+        broken.write_bytes(b"not a png")
+        first_pass = list(DistributedSampler(range(len(train)), num_replicas=2, rank=0, seed=0))[:4]
+        train = replace(train, paths=[broken if i in first_pass else p for i, p in enumerate(train.paths)])
+        val = replace(val, paths=[broken if i == 3 else p for i, p in enumerate(val.paths)])
     spec = {
         "lists": [{"name": il.name, "root": str(il.root), "paths": [str(p) for p in il.paths],
                    "labels": il.labels.tolist(), "classes": il.classes} for il in (train, val)],
@@ -343,7 +356,8 @@ def test_ddp_two_gloo_processes_match_one(toy, tmp_path):
     two = json.loads((out / "result.json").read_text())
 
     single = train_probe(tiny_backbone(), tiny_recipe(**{**overrides, "batch_size_per_gpu": 8}), train, val,
-                         tmp_path / "one.pth", device=CPU, num_workers=0, progress=False)
+                         tmp_path / "one.pth", device=CPU, num_workers=0, on_bad_image="skip", progress=False)
+    assert two["skipped"] == single.skipped == ({"train": sorted(first_pass), "val": [3]} if unreadable else {})
     for name in LAYERS:
         assert two["top1"][name] == pytest.approx(single.top1[name], abs=1e-6)
         assert two["top5"][name] == pytest.approx(single.top5[name], abs=1e-6)
