@@ -30,9 +30,9 @@ class ImagenetKnn(Benchmark):
         root = ctx.data_root / "imagenet"
         feats, splits = {}, {}
         for split in ("train", "val"):  # unreadable images skipped under `skip` are neither bank nor query
-            layers, splits[split] = ctx.features(imagenet(root, split), cfg["transform"], [cfg["layer"]], "global",
-                                                 cfg["image_size"], cfg["batch_size"])
-            feats[split] = layers[cfg["layer"]]
+            by_layer, splits[split] = ctx.features(imagenet(root, split), cfg["transform"], [cfg["layer"]], "global",
+                                                   cfg["image_size"], cfg["batch_size"])
+            feats[split] = by_layer[cfg["layer"]]
         results = knn_classify(
             feats["train"],
             splits["train"].labels,
