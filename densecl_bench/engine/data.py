@@ -13,6 +13,7 @@ import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 
@@ -45,13 +46,16 @@ class EpochLoader:
 
     A dataset with `set_epoch` (per-sample seeds that depend on the epoch) is told the epoch before
     the loader's workers start; keep `persistent_workers` off for such datasets, or pass the epoch
-    through the sampler instead. `drop_last` decides whether a short last batch counts.
+    through the sampler instead. `drop_last` decides whether a short last batch counts. The workers'
+    base seed comes from the loader's own generator, never from the global RNG, so starting an
+    epoch's iterator (again, on resume) leaves the global RNG where the checkpoint put it.
     """
 
     def __init__(self, dataset: Dataset, sampler: Sampler[int], batch_size: int, *, drop_last: bool = False,
                  **loader_kwargs: Any) -> None:
         self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
         self.sampler = SkipSampler(sampler)
+        loader_kwargs.setdefault("generator", torch.Generator().manual_seed(0))
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=drop_last,
                                  **loader_kwargs)
 
