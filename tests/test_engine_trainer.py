@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
-from densecl_bench.data.augment import sample_seed
 from densecl_bench.engine import (
     Checkpointer,
     ClassificationAccuracy,
@@ -26,6 +25,7 @@ from densecl_bench.engine import (
     NonFiniteLoss,
     PeriodicCheckpointer,
     ResumeKey,
+    SeededDataset,
     Trainer,
     TrainingInterrupted,
     inference_on_dataset,
@@ -35,22 +35,17 @@ KEY = ResumeKey("sha", "fp", seed=0, world_size=1)
 
 
 class NoisyPoints(Dataset):
-    """24 points in 4-D, 3 classes; each sample's noise is seeded by (seed, epoch, index)."""
+    """24 points in 4-D, 3 classes, with noise drawn from torch's global RNG (seeded per sample by SeededDataset)."""
 
     def __init__(self, n: int = 24) -> None:
         g = torch.Generator().manual_seed(1)
-        self.x, self.y, self.epoch = torch.randn(n, 4, generator=g), torch.arange(n) % 3, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.x, self.y = torch.randn(n, 4, generator=g), torch.arange(n) % 3
 
     def __len__(self) -> int:
         return len(self.x)
 
     def __getitem__(self, i: int):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(0, self.epoch, i))
-            return self.x[i] + 0.1 * torch.randn(4), self.y[i]
+        return self.x[i] + 0.1 * torch.randn(4), self.y[i]
 
 
 def net() -> nn.Module:
@@ -77,9 +72,10 @@ def build(out, *, schedule: LRSchedule, max_iters: int, by_epoch: bool = True, e
           keep: int = 0, batch: int = 4) -> Trainer:
     model = net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    ds = NoisyPoints()
+    points = NoisyPoints()
+    ds = SeededDataset(points, seed=0)
     data = EpochLoader(ds, DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0), batch)
-    val = [(ds.x[i : i + 8], ds.y[i : i + 8]) for i in range(0, 24, 8)]
+    val = [(points.x[i : i + 8], points.y[i : i + 8]) for i in range(0, 24, 8)]
 
     def evaluate() -> dict:
         return inference_on_dataset(model, val, ClassificationAccuracy(topk=(1, 2)), forward=lambda m, b: m(b[0]))

@@ -12,8 +12,9 @@
     sync.py        failures on one rank reach every rank
 """
 
+from densecl_bench.engine import ddp, precision
 from densecl_bench.engine.checkpoint import Checkpointer, ResumeKey
-from densecl_bench.engine.data import EpochLoader, TrainData
+from densecl_bench.engine.data import EpochLoader, SeededDataset, TrainData
 from densecl_bench.engine.evaluator import (
     ClassificationAccuracy,
     DatasetEvaluator,
@@ -29,6 +30,6 @@ from densecl_bench.engine.trainer import HookBase, NonFiniteLoss, Trainer, Train
 __all__ = [
     "Checkpointer", "ClassificationAccuracy", "DatasetEvaluator", "DatasetEvaluators", "EpochLoader", "EvalHook",
     "HookBase", "LRSchedule", "LRScheduler", "LRSchedulerHook", "MetricLogger", "NonFiniteLoss", "PeerFailure",
-    "PeriodicCheckpointer", "PreciseBNHook", "ResumeKey", "TrainData", "Trainer", "TrainingInterrupted", "gather",
-    "inference_on_dataset", "param_groups",
+    "PeriodicCheckpointer", "PreciseBNHook", "ResumeKey", "SeededDataset", "TrainData", "Trainer", "TrainingInterrupted", "gather",
+    "ddp", "inference_on_dataset", "param_groups", "precision",
 ]

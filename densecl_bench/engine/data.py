@@ -16,6 +16,8 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from densecl_bench.data.augment import sample_seed
+
 
 class TrainData(Protocol):
     """What the trainer iterates: `len()` batches per epoch, and an epoch's batches from `start` on."""
@@ -69,3 +71,25 @@ class EpochLoader:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         return iter(self.loader)
+
+
+class SeededDataset(Dataset):
+    """Draws each item inside torch's RNG seeded by `sample_seed(seed, epoch, index)`.
+
+    A sample's augmentation then depends on nothing else: not the worker count, not the world size,
+    not whether the run was resumed. The caller's RNG state is left as it was.
+    """
+
+    def __init__(self, base: Dataset, seed: int) -> None:
+        self.base, self.seed, self.epoch = base, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+            return self.base[index]

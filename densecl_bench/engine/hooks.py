@@ -61,7 +61,7 @@ class PeriodicHook(HookBase):
 
 class PeriodicCheckpointer(PeriodicHook):
     """Refreshes the trainer's `latest` checkpoint every `latest_period` epochs/iterations and publishes
-    a numbered snapshot (`epoch_N.pth` / `iter_N.pth`) every `period` (0: never) and at the end,
+    a numbered snapshot (`epoch_N.pth` / `iter_N.pth`) every `period` and at the end (period 0: never),
     keeping the newest `keep` snapshots (0: all). latest_period defaults to 1 epoch, or `period` iterations."""
 
     def __init__(self, period: int, by_epoch: bool = True, keep: int = 0, latest_period: int | None = None) -> None:
@@ -73,7 +73,7 @@ class PeriodicCheckpointer(PeriodicHook):
         if checkpointer is None:
             raise ValueError(f"{self.trainer.name}: PeriodicCheckpointer needs a trainer with a checkpointer")
         snapshot = None
-        if (self.snapshot_period > 0 and self.count() % self.snapshot_period == 0) or self.trainer.iter == self.trainer.max_iters:
+        if self.snapshot_period > 0 and (self.count() % self.snapshot_period == 0 or self.trainer.iter == self.trainer.max_iters):
             snapshot = f"{'epoch' if self.by_epoch else 'iter'}_{self.count()}.pth"
         checkpointer.save(self.trainer, snapshot, self.keep)
 
