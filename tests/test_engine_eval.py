@@ -90,3 +90,30 @@ def test_precision_is_explicit():
         assert lin(x).dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="precision must be one of"):
         check("fp16")
+
+
+def test_precise_bn_hook_runs_before_each_evaluation():
+    import torch.nn.functional as F
+
+    from densecl_bench.engine import EvalHook, PreciseBNHook, Trainer
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3) + i, torch.tensor([0, 1, 0, 1])) for i in range(3)]
+    model = nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 2))  # BN sees the raw batches
+
+    class Data:
+        def __len__(self) -> int:
+            return 3
+
+        def epoch(self, epoch: int, start: int = 0):
+            return iter(batches[start:])
+
+    seen = []
+    hooks = [PreciseBNHook(1, lambda: iter(batches), lambda b: model(b[0]), num_iters=3),
+             EvalHook(1, lambda: seen.append(model[0].running_mean.clone()) or {})]
+    Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), Data(),
+            lambda t, b: {"ce": F.cross_entropy(t.model(b[0]), b[1])}, max_iters=6, hooks=hooks).train()
+    expected = torch.stack([b[0].mean(0) for b in batches]).mean(0)
+    assert len(seen) == 2
+    for mean in seen:
+        torch.testing.assert_close(mean, expected)

@@ -165,7 +165,7 @@ def test_nan_loss_stops_with_iteration_and_terms(tmp_path):
 
     trainer = build(tmp_path, schedule=LRSchedule("constant", total=1), max_iters=18, step=nan_at_5,
                     extra=[Snapshot()])
-    with pytest.raises(NonFiniteLoss, match=r"iteration 5 \(epoch 1.*aux nan") as err:
+    with pytest.raises(NonFiniteLoss, match=r"the loss is nan at iteration 5 \(epoch 1.*aux nan") as err:
         trainer.train()
     assert "ce 1." in str(err.value) or "ce 0." in str(err.value)
     # the step with the NaN was not applied
@@ -248,3 +248,19 @@ def test_metrics_jsonl_records(tmp_path):
     assert [r["lr"] for r in steps] == [0.1, 0.1, 0.1, pytest.approx(0.01), pytest.approx(0.01), pytest.approx(0.01)]
     assert [(r["epoch"], r["iter"]) for r in epochs] == [(1, 6), (2, 12)]
     assert set(epochs[0]) >= {"loss", "ce", "lr", "top1", "top2"}
+
+
+def test_data_shorter_than_promised_and_repeated_hooks_are_errors():
+    class Short:
+        def __len__(self) -> int:
+            return 3
+
+        def epoch(self, epoch: int, start: int = 0):
+            return iter([(torch.randn(2, 4), torch.tensor([0, 1]))] * 2)
+
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="epoch 1 ended after 2 batches, but the data promised 3"):
+        Trainer(model, opt, Short(), ce, max_iters=3).train()
+    with pytest.raises(ValueError, match="own `name`"):
+        Trainer(model, opt, Short(), ce, max_iters=3, hooks=[Kill(1), Kill(2)])

@@ -138,6 +138,9 @@ class Trainer:
         self.checkpointer, self.accumulate = checkpointer, accumulate
         self.precision, self.device, self.name = precision_mod.check(precision), torch.device(device), name
         self.hooks = list(hooks)
+        names = [hook.name for hook in self.hooks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{name}: hooks are saved by name; give repeated hooks their own `name` ({names})")
         for hook in self.hooks:
             hook.trainer = self
         self.iter = self.epoch = self.start_iter = 0
@@ -190,6 +193,10 @@ class Trainer:
     def _iteration(self, batches: Iterator[Any], got: list[int]) -> None:
         try:
             batch = next(batches)
+        except StopIteration:
+            self._pending = self._pending or RuntimeError(
+                f"{self.name}: epoch {self.epoch + 1} ended after {self.inner_iter} batches, "
+                f"but the data promised {self.iters_per_epoch}")
         except Exception as e:  # noqa: BLE001 - agreed below
             self._pending = self._pending or e
         self._phase("before_step")
@@ -226,10 +233,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
 
     def _non_finite_message(self) -> str:
-        terms = ", ".join(f"{k} {v:.6g}" for k, v in self.losses.items())
+        terms = ", ".join(f"{k} {v:.6g}" for k, v in self.losses.items() if k != "loss")
         where = f"{self.checkpointer.latest}" if self.checkpointer is not None else "none"
         return (
-            f"{self.name}: the loss is not finite at iteration {self.iter + 1} (epoch {self.epoch + 1}, "
+            f"{self.name}: the loss is {self.losses['loss']} at iteration {self.iter + 1} (epoch {self.epoch + 1}, "
             f"lr {self.optimizer.param_groups[0]['lr']:g}): {terms}. Nothing of this step was applied; "
             f"lower the learning rate or check the data (last checkpoint: {where})"
         )
