@@ -13,7 +13,8 @@ batch to named loss terms; their sum is backpropagated), checks the loss, and ca
 Epoch-based runs set `max_iters = epochs * len(data)`; iteration-based runs any `max_iters` (the
 data is then walked epoch after epoch and the run may end mid-epoch). Schedules and hooks choose
 whether they count epochs or iterations. With `accumulate` > 1 an optimizer step follows every
-`accumulate` batches (a shorter group at the end of an epoch), each group's loss divided by its size.
+`accumulate` batches (a shorter group at the end of an epoch), each group's loss divided by its size;
+signals stop the run between groups, and periodic checkpoints inside an epoch should fall there too.
 
 Every rank calls every hook; a hook that fails does not stop the others of its phase, so all ranks
 keep running the same collectives, and the failure reaches every rank at the next agreed point
@@ -158,7 +159,11 @@ class Trainer:
         """Resume if the checkpointer allows, then train to `max_iters` (or stop after `until` iterations;
         the schedules still span max_iters, so a later call continues the same run)."""
         if self.checkpointer is not None:
-            self.checkpointer.load(self)
+            try:
+                self.checkpointer.load(self)
+            except Exception as e:  # noqa: BLE001 - a rank that cannot read it fails every rank below
+                self._pending = e
+            self._agree("resuming")
         self.start_iter = self.iter
         self.end_iter = self.max_iters if until is None else min(until, self.max_iters)
         self.optimizer.zero_grad(set_to_none=True)
