@@ -82,6 +82,12 @@ try:
 except Exception as e:
     print(f"rank {rank} eval: {type(e).__name__}: {e}", flush=True)
 
+# SyncBN only on CUDA: under a gloo group on CPU the BN stays plain BatchNorm (SyncBatchNorm would raise)
+with_bn = prepare(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)), torch.device("cpu"))
+assert isinstance(with_bn, nn.parallel.DistributedDataParallel)
+assert not any(isinstance(m, nn.SyncBatchNorm) for m in with_bn.modules())
+with_bn(torch.randn(4, 3)).sum().backward()
+
 clean = run("clean")
 weights = torch.cat([p.detach().flatten() for p in clean.module.parameters()])
 both = dist.all_gather_cat(weights[None])

@@ -117,3 +117,10 @@ def test_precise_bn_hook_runs_before_each_evaluation():
     assert len(seen) == 2
     for mean in seen:
         torch.testing.assert_close(mean, expected)
+
+
+def test_prepare_without_a_process_group_is_the_plain_model():
+    from densecl_bench.engine.ddp import prepare
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    assert prepare(model, torch.device("cpu")) is model

@@ -108,7 +108,7 @@ class Checkpointer:
             "state_dict": trainer.module.state_dict(),
             "optimizer": trainer.optimizer.state_dict(),
             "rng": rng_state(),
-            "hooks": {hook.name: hook.state_dict() for hook in trainer.hooks if hook.state_dict()},
+            "hooks": {hook.name: state for hook in trainer.hooks if (state := hook.state_dict())},
         }
 
     def save(self, trainer: Trainer, snapshot: str | None = None, keep: int = 0) -> Path:

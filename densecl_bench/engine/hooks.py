@@ -126,7 +126,7 @@ class MetricLogger(HookBase):
     each epoch's end a record with the epoch's mean losses over all ranks and any evaluation results
     is appended and kept in `history`. Evaluations between epochs get a record of their own. On a
     resumed run the file is cut back to the resumed iteration first. Without a terminal, the bar
-    gives way to a log line every `period` iterations. images_per_iter: for an img/s figure.
+    gives way to a log line every `period` iterations. images_per_iter (one process's batch) adds img/s.
     """
 
     def __init__(self, path: str | Path | None = None, period: int = 20, images_per_iter: int | None = None,

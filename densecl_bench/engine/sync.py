@@ -28,7 +28,7 @@ def _flag_device() -> torch.device:
     return torch.device("cpu")
 
 
-def describe(error: BaseException) -> str:
+def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
@@ -45,7 +45,7 @@ def agree(where: str, error: BaseException | None = None, signal: int = 0) -> in
     td.all_reduce(flags, op=td.ReduceOp.MAX)
     if flags[0]:
         messages: list[str | None] = [None] * dist.world_size()
-        td.all_gather_object(messages, None if error is None else describe(error))
+        td.all_gather_object(messages, None if error is None else _describe(error))
         if error is not None:
             raise error
         failed = ", ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
