@@ -100,3 +100,20 @@ def test_pretrain_epochs_sets_the_cosine_schedule_length(tmp_path):
     lr, epoch = lr_and_epoch()
     assert epoch == 4 and lr == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
     assert "the cosine schedule spans this many epochs" in " ".join(cli.invoke(main, ["pretrain", "--help"]).output.split())
+
+
+def test_inspect_and_convert_refuse_damaged_or_self_overwriting_files(tmp_path):
+    cli = CliRunner()
+    sd = torchvision.models.resnet18().state_dict()
+    sd["layer1.0.bn2.running_mean"][0] = float("inf")
+    torch.save(sd, tmp_path / "inf.pth")
+    out = cli.invoke(main, ["inspect", str(tmp_path / "inf.pth")])
+    assert out.exit_code == 2 and "NaN or inf" in out.output and "layer1.0.bn2.running_mean (1 of 64)" in out.output
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "ok.pth")
+    data = (tmp_path / "ok.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 3])
+    out = cli.invoke(main, ["inspect", str(tmp_path / "cut.pth")])
+    assert out.exit_code == 2 and "truncated or corrupt" in out.output and "persistent id" not in out.output
+    out = cli.invoke(main, ["convert", str(tmp_path / "ok.pth"), "--to", "torchvision", "-o", str(tmp_path / "ok.pth")])
+    assert out.exit_code == 2 and "the output is the input file" in out.output
+    assert (tmp_path / "ok.pth").read_bytes() == data
