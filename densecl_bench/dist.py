@@ -106,6 +106,10 @@ def _failure_store() -> dist.Store:
     return dist.PrefixStore(attempt, store)
 
 
+def _stopped_key(r: int) -> str:
+    return f"densecl_bench/stopped/{r}"
+
+
 def _watch(store: dist.Store, stop: threading.Event, poll_s: float) -> None:
     """End this process with a failed peer's message; the main thread may be blocked in a collective."""
     while not stop.wait(poll_s):
@@ -114,17 +118,20 @@ def _watch(store: dist.Store, stop: threading.Event, poll_s: float) -> None:
             if message.startswith(f"rank {rank()} "):
                 return  # this rank failed itself and is raising
             print(f"error: {message} (rank {rank()} stops too)", file=sys.stderr, flush=True)
+            store.set(_stopped_key(rank()), "1")
             os._exit(1)  # no clean way out of a collective the failed rank will never join
 
 
 @contextlib.contextmanager
-def fail_together(poll_s: float = 0.2) -> Iterator[None]:
+def fail_together(poll_s: float = 0.2, grace_s: float = 10.0) -> Iterator[None]:
     """Under torchrun, if the block raises on any rank, end every rank with that rank's message.
 
-    The failing rank writes `rank N: Type: message` to the rendezvous store and re-raises; a watcher
-    thread on every other rank sees it within `poll_s` and ends its process with exit status 1, even
-    when its main thread is blocked in a collective the failed rank will never join (an all-reduce of
-    a status flag cannot help there: the blocked rank never reaches it). A no-op in one process.
+    The failing rank writes `rank N failed: Type: message` to the rendezvous store; a watcher thread
+    on every other rank sees it within `poll_s`, prints it and ends its process with exit status 1,
+    even when its main thread is blocked in a collective the failed rank will never join (an
+    all-reduce of a status flag cannot help there: the blocked rank never reaches it). The failing
+    rank waits up to `grace_s` for the others to say so before re-raising: torchrun kills the
+    remaining workers as soon as one exits, which would cut their message. A no-op in one process.
     """
     if not is_dist():
         yield
@@ -138,6 +145,9 @@ def fail_together(poll_s: float = 0.2) -> Iterator[None]:
     except BaseException as err:
         stop.set()
         store.set(FAILURE_KEY, f"rank {rank()} failed: {type(err).__name__}: {err}")
+        store.set(_stopped_key(rank()), "1")
+        with contextlib.suppress(RuntimeError):  # a peer that is already gone never answers
+            store.wait([_stopped_key(r) for r in range(world_size())], timedelta(seconds=grace_s))
         raise
     finally:
         stop.set()
