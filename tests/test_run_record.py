@@ -24,6 +24,7 @@ from densecl_bench.benchmarks.voc07_svm import Voc07LowshotSvm, Voc07Svm
 from densecl_bench.cli import main
 from densecl_bench.config import ConfigError
 from densecl_bench.data.base import BadImageError, ImageList
+from densecl_bench.errors import UserError
 from densecl_bench.results import Ledger
 
 SEEN: list[RunContext] = []
@@ -100,7 +101,7 @@ def test_unknown_profile_is_an_error_naming_the_offered_ones(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown profile 'vissel': the benchmark configs offer cv, demo, fair, vissl"):
         runner.run_suite(["knn"], "random", arch="resnet18", profiles=["vissel"], runs_dir=tmp_path, echo=quiet)
     assert list(tmp_path.iterdir()) == []  # nothing written
-    out = CliRunner().invoke(main, ["run", "knn", "--ckpt", "random", "--profile", "demo,vissel",
+    out = CliRunner().invoke(main, ["run", "knn", "--ckpt", "random", "--profile", "demo, vissel",
                                     "--runs-dir", str(tmp_path)])
     assert out.exit_code == 2 and "error: unknown profile 'vissel'" in out.output and "Traceback" not in out.output
 
@@ -181,6 +182,10 @@ def test_run_fails_when_nothing_ran_or_a_named_benchmark_was_skipped(tmp_path):
 def test_run_rejects_impossible_counts(args):
     out = CliRunner().invoke(main, ["run", "knn", "--ckpt", "random", *args])
     assert out.exit_code == 2 and "Invalid value" in out.output
+    trials = int(args[1]) if args[0] == "--trials" else 1
+    workers = int(args[1]) if args[0] == "--workers" else 0
+    with pytest.raises(UserError, match="trials must be >= 1 and workers >= 0"):
+        runner.run_suite(["knn"], "random", trials=trials, num_workers=workers, echo=quiet)
 
 
 def _hostile(path: Path) -> None:
