@@ -161,8 +161,8 @@ def run(benchmarks: tuple[str, ...], ckpt: str, data_root: Path | None, runs_dir
     from densecl_bench.tables import render_run_dir
 
     result = run_suite(list(benchmarks), ckpt, data_root=data_root, runs_dir=runs_dir, run_id=run_id, label=label,
-                       profiles=[p.strip() for p in profiles.split(",") if p.strip()], trials=trials, seed=seed, arch=arch,
-                       allow_partial=allow_partial, device=device, num_workers=workers,
+                       profiles=[p.strip() for p in profiles.split(",") if p.strip()], trials=trials, seed=seed,
+                       arch=arch, allow_partial=allow_partial, device=device, num_workers=workers,
                        on_bad_image="skip" if skip_bad_images else "raise", echo=click.echo)
     problems = result.problems()
     if dist.is_main():

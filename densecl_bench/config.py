@@ -1,9 +1,9 @@
 """Protocol configs: YAML files read with `yaml.safe_load` (never executed), with profiles.
 
 A config is a mapping of protocol parameters plus an optional `profiles:` mapping
-(`demo`, `vissl`, ...) whose entries override the top level; several profiles compose in order. Configs ship inside the package
-(`densecl_bench/configs/{benchmarks,pretrain}`) and are also reachable from the repo's
-top-level `benchmarks/` and `pretrain/` folders.
+(`demo`, `vissl`, ...) whose entries override the top level; several profiles compose in order.
+Configs ship inside the package (`densecl_bench/configs/{benchmarks,pretrain}`) and are also
+reachable from the repo's top-level `benchmarks/` and `pretrain/` folders.
 """
 
 from __future__ import annotations

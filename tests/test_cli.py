@@ -99,7 +99,8 @@ def test_pretrain_epochs_sets_the_cosine_schedule_length(tmp_path):
     assert done.exit_code == 0, done.output
     lr, epoch = lr_and_epoch()
     assert epoch == 4 and lr == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
-    assert "the cosine schedule spans this many epochs" in " ".join(cli.invoke(main, ["pretrain", "--help"]).output.split())
+    help_text = " ".join(cli.invoke(main, ["pretrain", "--help"]).output.split())
+    assert "the cosine schedule spans this many epochs" in help_text
 
 
 def test_inspect_and_convert_refuse_damaged_or_self_overwriting_files(tmp_path):

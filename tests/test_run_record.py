@@ -98,7 +98,8 @@ def test_imagenet_linear_resolves_its_avgpool_config_with_the_profiles():
 
 
 def test_unknown_profile_is_an_error_naming_the_offered_ones(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown profile 'vissel': the benchmark configs offer cv, demo, fair, vissl"):
+    offered = r"unknown profile 'vissel': the benchmark configs offer cv, demo, fair, vissl"
+    with pytest.raises(ConfigError, match=offered):
         runner.run_suite(["knn"], "random", arch="resnet18", profiles=["vissel"], runs_dir=tmp_path, echo=quiet)
     assert list(tmp_path.iterdir()) == []  # nothing written
     out = CliRunner().invoke(main, ["run", "knn", "--ckpt", "random", "--profile", "demo, vissel",
@@ -107,7 +108,8 @@ def test_unknown_profile_is_an_error_naming_the_offered_ones(tmp_path):
 
 
 def test_profiles_compose_and_one_a_benchmark_lacks_is_reported_and_recorded(tmp_path, fake):
-    offers = write(tmp_path / "offers.yaml", "k: base\nprofiles:\n  demo: {k: demo, d: 1}\n  p1: {k: p1}\n  p2: {k: p2}\n")
+    offers = write(tmp_path / "offers.yaml",
+                   "k: base\nprofiles:\n  demo: {k: demo, d: 1}\n  p1: {k: p1}\n  p2: {k: p2}\n")
     lacks = write(tmp_path / "lacks.yaml", "k: base\nprofiles:\n  demo: {k: demo}\n")
     fake(bench_class("offers", offers, order=1), bench_class("lacks", lacks, order=2))
     lines: list[str] = []
