@@ -31,9 +31,8 @@ class Probe(Benchmark):
         (out / f"ran_on_rank{dist.rank()}").touch()
         paths = sorted(images_dir.glob("*.png"))
         images = ImageList("toy/train", images_dir, paths, np.arange(len(paths)), [str(i) for i in range(len(paths))])
-        feats = ctx.features(images, "voc_svm", ["feature5"], "adaptive", 64, 2)["feature5"]
-        np.save(out / "features.npy", np.asarray(feats))
-        return [Metric(self.name, "rows", float(len(feats)))]
+        ctx.features(images, "voc_svm", ["feature5"], "adaptive", 64, 2)  # lands in the feature cache
+        return [Metric(self.name, "rows", float(len(images)))]
 
 
 class Boom(Probe):

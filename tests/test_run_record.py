@@ -296,7 +296,9 @@ def test_rank0_only_benchmark_runs_once_while_extraction_stays_sharded(tmp_path)
     images = ImageList("toy/train", tmp_path / "images", paths, np.arange(5), [str(i) for i in range(5)])
     single = extract(freeze(backbone), images, transform="voc_svm", layers=["feature5"], pooling="adaptive",
                      size=64, batch_size=2, num_workers=0, cache_dir=tmp_path / "single", ckpt_key="x")
-    np.testing.assert_allclose(np.load(out / "features.npy"), single["feature5"], rtol=1e-4, atol=1e-5)
+    merged = list((tmp_path / "home" / "cache").rglob("*.npy"))
+    assert len(merged) == 1 and ".part" not in merged[0].name  # both shards merged by rank 0
+    np.testing.assert_allclose(np.load(merged[0]), single["feature5"], rtol=1e-4, atol=1e-5)
     assert [r["value"] for r in Ledger(out / "runs" / "r").records()] == [5.0]
 
 
