@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from densecl_bench.backbone import ARCHS, Backbone, random_state_dict
+from densecl_bench.errors import UserError
 from densecl_bench.paths import atomic_path, atomic_torch_save
 from densecl_bench.safe_pickle import UnsafePickleError, load_pickle, load_torch
 
@@ -56,12 +57,13 @@ _WRAPPERS: tuple[str, ...] = ("module.", "_orig_mod.")  # DistributedDataParalle
 _CONTAINERS: tuple[str, ...] = ("state_dict", "model", "module", "network", "net")
 _BACKBONE_ROOT = re.compile(r"^(conv1|bn1|layer\d+)\.")
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+_ZIP_MAGIC = b"PK\x03\x04"
 _NBT = "num_batches_tracked"
 # (bottleneck?, layer3 block count) -> arch
 _ARCH_BY_LAYER3: dict[tuple[bool, int], str] = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50", (True, 23): "resnet101"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint cannot be used; the message names the file, the layout detected and what is wrong."""
 
 
@@ -98,6 +100,10 @@ def _read_untrusted(path: Path) -> Any:
     """torch files (zip or legacy) through weights-only torch.load, anything else as a `.pkl`."""
     with open(path, "rb") as f:
         head = f.read(len(_LEGACY_TORCH_MAGIC))
+    if head.startswith(_ZIP_MAGIC) and not zipfile.is_zipfile(path):
+        # torch.save writes a zip whose directory is at the end: a cut-off copy lost it
+        raise CheckpointError(f"{path}: the file is truncated or corrupt (a torch zip archive without its "
+                              "central directory, e.g. an interrupted download or copy)")
     try:
         if zipfile.is_zipfile(path) or head == _LEGACY_TORCH_MAGIC:
             return load_torch(path)
@@ -105,7 +111,8 @@ def _read_untrusted(path: Path) -> Any:
     except UnsafePickleError as err:
         raise CheckpointError(f"{path}: {err}") from None
     except Exception as err:  # corrupt or foreign files fail in many ways; all mean "unreadable"
-        raise CheckpointError(f"{path}: not a readable torch or pickle checkpoint ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"{path}: the file is truncated or corrupt, or not a torch / pickle checkpoint "
+                              f"({type(err).__name__}: {err})") from None
 
 
 def _is_array(v: Any) -> bool:
@@ -250,19 +257,32 @@ def _arch_evidence(keys: list[str]) -> str:
 # ------------------------------------------------------------------------------------ loading
 
 
-def load_checkpoint(path: str | Path, arch: str | None = None, allow_partial: bool = False) -> LoadedCheckpoint:
-    """Load the ResNet backbone from any supported layout, verified complete.
+def random_sha256(arch: str, seed: int) -> str:
+    """The `random` checkpoint's identity: sha256 of a stable description of how its weights are made.
+
+    The weights are torchvision's initialisation under `torch.manual_seed(seed)`, so (arch, seed) fix
+    them; the hash keys the feature cache and the run id like a file's sha256 does.
+    """
+    return hashlib.sha256(f"densecl-bench random init: arch={arch} seed={seed} init=torchvision".encode()).hexdigest()
+
+
+def load_checkpoint(path: str | Path, arch: str | None = None, allow_partial: bool = False,
+                    seed: int = 0) -> LoadedCheckpoint:
+    """Load the ResNet backbone from any supported layout, verified complete and finite.
 
     Args:
         path: a checkpoint file, or the string `random` for the seeded random-init backbone.
         arch: resnet18/34/50/101; inferred from the keys when None (a mismatch is an error).
         allow_partial: load even if backbone tensors are missing (they keep random init and are
-            listed in `missing_keys`); logged as a warning. Shape mismatches always fail.
+            listed in `missing_keys`); logged as a warning. Shape mismatches and NaN/inf values
+            always fail.
+        seed: the weights of `random` (see `random_sha256`); ignored for files.
     """
     if str(path) == "random":
         arch = arch or "resnet50"
         expected_shapes(arch)  # validates the name
-        return LoadedCheckpoint(random_state_dict(arch, seed=0), arch, "random", f"random-{arch}-seed0", "random")
+        return LoadedCheckpoint(random_state_dict(arch, seed=seed), arch, "random", random_sha256(arch, seed),
+                                "random", meta={"seed": seed})
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -320,6 +340,11 @@ def load_checkpoint(path: str | Path, arch: str | None = None, allow_partial: bo
         )
 
     state_dict = {k: _as_tensor(state[candidates[k]]) for k in shapes if k in candidates}
+    nonfinite = [f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()})" for k, v in state_dict.items()
+                 if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise CheckpointError(f"{len(nonfinite)} backbone tensor(s) hold NaN or inf values (a diverged run?): "
+                              f"{_summarise(nonfinite, 8)} {where}")
     used = {candidates[k] for k in state_dict}
     return LoadedCheckpoint(
         state_dict=state_dict,
@@ -455,6 +480,9 @@ def convert(
         to = "mmcv"
     if to not in EXPORT_FORMATS:
         raise CheckpointError(f"unknown target format {to!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    out, src_path = Path(out), Path(src)
+    if out.resolve() == src_path.resolve() or (out.exists() and src_path.exists() and out.samefile(src_path)):
+        raise CheckpointError(f"{out}: the output is the input file; write the converted checkpoint elsewhere")
     ckpt = load_checkpoint(src, arch=arch, allow_partial=allow_partial)
     export_checkpoint(ckpt.state_dict, to, out)
     return ckpt

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -13,15 +14,30 @@ from densecl_bench import __version__
 PathArg = click.Path(path_type=Path)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """User errors (bad checkpoint, unknown name, unreadable image...) from any command: one `error:`
+    line and exit 2; `-v` prints the traceback first."""
+
+    def invoke(self, ctx: click.Context):
+        from densecl_bench.errors import hint, user_errors
+
+        try:
+            return super().invoke(ctx)
+        except user_errors() as err:
+            if ctx.params.get("verbose"):
+                traceback.print_exc()
+            _fail(f"{err}{hint(err)}")
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="densecl-bench")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, and tracebacks with errors.")
 def main(verbose: bool) -> None:
     """DenseCL pretraining and the classic self-supervised transfer benchmark suite."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _fail(err: Exception) -> None:
+def _fail(err: Exception | str) -> None:
     click.echo(f"error: {err}", err=True)
     sys.exit(2)
 
@@ -32,13 +48,10 @@ def _fail(err: Exception) -> None:
 @click.option("--arch", help="resnet18/34/50/101; inferred from the tensor shapes when omitted.")
 @click.option("--allow-partial", is_flag=True, help="Load even if backbone tensors are missing (loudly).")
 def inspect(ckpt: str, arch: str | None, allow_partial: bool) -> None:
-    """Detect a checkpoint's layout and check that every backbone tensor is there."""
-    from densecl_bench.checkpoint import CheckpointError, describe, load_checkpoint
+    """Detect a checkpoint's layout and check that every backbone tensor is there and finite."""
+    from densecl_bench.checkpoint import describe, load_checkpoint
 
-    try:
-        click.echo(describe(load_checkpoint(ckpt, arch=arch, allow_partial=allow_partial)))
-    except CheckpointError as err:
-        _fail(err)
+    click.echo(describe(load_checkpoint(ckpt, arch=arch, allow_partial=allow_partial)))
 
 
 @main.command()
@@ -51,16 +64,12 @@ def inspect(ckpt: str, arch: str | None, allow_partial: bool) -> None:
 @click.option("--allow-partial", is_flag=True)
 def convert(src: str, fmt: str | None, output: Path, extract_backbone: bool, arch: str | None,
             allow_partial: bool) -> None:
-    """Convert a checkpoint to another layout (detectron2, torchvision, mmcv)."""
-    from densecl_bench.checkpoint import CheckpointError
+    """Convert a checkpoint to another layout (detectron2, torchvision, mmcv); never over its input."""
     from densecl_bench.checkpoint import convert as convert_checkpoint
 
     if fmt is None and not extract_backbone:
         _fail(click.UsageError("give --to FORMAT or --extract-backbone"))
-    try:
-        convert_checkpoint(src, fmt, output, extract_backbone=extract_backbone, arch=arch, allow_partial=allow_partial)
-    except CheckpointError as err:
-        _fail(err)
+    convert_checkpoint(src, fmt, output, extract_backbone=extract_backbone, arch=arch, allow_partial=allow_partial)
     click.echo(f"wrote {output}")
 
 
@@ -125,51 +134,63 @@ def extract(ckpt: str, dataset: str, split: str, layers: str, data_root: Path | 
 # ---------------------------------------------------------------- benchmarks
 @main.command()
 @click.argument("benchmarks", nargs=-1, required=True)
-@click.option("--ckpt", required=True, help="Checkpoint file, or `random` for a seeded random init.")
+@click.option("--ckpt", required=True, help="Checkpoint file, or `random` for a random init seeded by --seed.")
 @click.option("--data-root", type=PathArg, default=None, help="Default: the embedded demo datasets.")
 @click.option("--runs-dir", type=PathArg, default=Path("runs"), show_default=True)
-@click.option("--run-id", default=None, help="Default: <label>-<sha8>-<profile>; re-running it resumes.")
+@click.option("--run-id", default=None,
+              help="Default: <label>-<sha8>-<profiles>; re-running it resumes (same checkpoint and data root only).")
 @click.option("--label", default=None, help="Table row label (default: the pretraining config name).")
-@click.option("--profile", default=None, help="Config profile (default: demo without a data root, else full).")
-@click.option("--trials", type=int, default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--profile", "profiles", default="",
+              help="Config profiles, comma-separated and applied in order (e.g. vissl, or fair,cv); "
+                   "demo is applied first on the demo data. Default: the published protocol.")
+@click.option("--trials", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the first trial (trial t uses seed + t), and of the weights of --ckpt random.")
 @click.option("--arch", default=None)
-@click.option("--allow-partial", is_flag=True)
+@click.option("--allow-partial", is_flag=True, help="Load a checkpoint with missing tensors (recorded, rows marked).")
 @click.option("--device", default=None)
-@click.option("--workers", type=int, default=2, show_default=True)
-@click.option("--skip-bad-images", is_flag=True, help="Skip and count unreadable images instead of failing.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--skip-bad-images", is_flag=True,
+              help="Leave unreadable images out instead of failing (recorded with counts, rows marked).")
 def run(benchmarks: tuple[str, ...], ckpt: str, data_root: Path | None, runs_dir: Path, run_id: str | None,
-        label: str | None, profile: str | None, trials: int, seed: int, arch: str | None, allow_partial: bool,
+        label: str | None, profiles: str, trials: int, seed: int, arch: str | None, allow_partial: bool,
         device: str | None, workers: int, skip_bad_images: bool) -> None:
-    """Run benchmarks (`all`, or names such as voc07_svm knn) and print the model-zoo tables."""
+    """Run benchmarks (`all`, or names such as voc07_svm knn) and print the model-zoo tables.
+
+    Exits 1 when a stage failed, a benchmark named here was skipped, or nothing ran.
+    """
     from densecl_bench import dist
     from densecl_bench.runner import run_suite
     from densecl_bench.tables import render_run_dir
 
     result = run_suite(list(benchmarks), ckpt, data_root=data_root, runs_dir=runs_dir, run_id=run_id, label=label,
-                       profile=profile, trials=trials, seed=seed, arch=arch, allow_partial=allow_partial,
-                       device=device, num_workers=workers, on_bad_image="skip" if skip_bad_images else "raise",
-                       echo=click.echo)
+                       profiles=[p.strip() for p in profiles.split(",") if p.strip()], trials=trials, seed=seed,
+                       arch=arch, allow_partial=allow_partial, device=device, num_workers=workers,
+                       on_bad_image="skip" if skip_bad_images else "raise", echo=click.echo)
+    problems = result.problems()
     if dist.is_main():
         click.echo(f"\nrun: {result.run_dir}\n")
         click.echo(render_run_dir(result.run_dir, skip_empty=True))
-    sys.exit(1 if result.failed else 0)
+        for problem in problems:
+            click.echo(f"error: {problem}", err=True)
+    sys.exit(1 if problems else 0)
 
 
 @main.command("list")
 @click.option("--data-root", type=PathArg, default=None, help="Default: the embedded demo datasets.")
 def list_benchmarks(data_root: Path | None) -> None:
-    """Registered benchmarks, the table each feeds, and whether their data are found."""
-    from densecl_bench import registry
-    from densecl_bench.data.demo import ensure_demo
+    """Registered benchmarks, the table each feeds, and whether their data are found (writes nothing)."""
+    from densecl_bench import paths, registry
 
-    root = data_root or ensure_demo()
-    click.echo(f"data root: {root}{'' if data_root else ' (embedded demo datasets)'}\n")
+    root = data_root or paths.demo_root()
+    note = "" if data_root else " (embedded demo datasets; written by the first `run` or by `data demo`)"
+    click.echo(f"data root: {root}{note}\n")
     for name, cls in registry.available().items():
         missing = [p for p in cls().required_data(root) if not p.exists()]
         found = "data found" if not missing else f"no data at {missing[0]}"
         aliases = f" (aliases: {', '.join(cls.aliases)})" if cls.aliases else ""
-        click.echo(f"{name}{aliases}\n    table: {cls.table}\n    config: {cls.config}\n    {found}")
+        configs = ", ".join(cls.all_configs())
+        click.echo(f"{name}{aliases}\n    table: {cls.table}\n    config: {configs}\n    {found}")
 
 
 @main.command()
@@ -197,8 +218,13 @@ def table(runs: tuple[Path, ...], output: Path | None, skip_empty: bool) -> None
 @click.option("--tolerances", type=PathArg, default=None, help="YAML of per-metric tolerances.")
 @click.option("--allow-missing", is_flag=True, help="A metric missing from the run is not a failure.")
 @click.option("--label", default=None, help="Which row of the run to check, when it holds several.")
-def regress(run_dir: Path, reference: Path, tolerances: Path | None, allow_missing: bool, label: str | None) -> None:
-    """Compare a run with reference numbers; exit 1 on any regression."""
+@click.option("--two-sided", is_flag=True,
+              help="Also fail on a metric better than the reference beyond tolerance (the protocol moved).")
+@click.option("--include-flagged", is_flag=True,
+              help="Judge records made with --allow-partial or --skip-bad-images too (left out by default).")
+def regress(run_dir: Path, reference: Path, tolerances: Path | None, allow_missing: bool, label: str | None,
+            two_sided: bool, include_flagged: bool) -> None:
+    """Compare a run with reference numbers: verdicts ok / worse / better; exit 1 on any worse metric."""
     from densecl_bench.regress import compare, load_tolerances
     from densecl_bench.results import Ledger
 
@@ -206,7 +232,8 @@ def regress(run_dir: Path, reference: Path, tolerances: Path | None, allow_missi
         _fail(FileNotFoundError(f"{run_dir}: no ledger.jsonl (expected a run directory such as runs/<run-id>)"))
     try:
         report = compare(Ledger(run_dir).records(), reference, load_tolerances(tolerances) if tolerances else None,
-                         allow_missing=allow_missing, label=label)
+                         allow_missing=allow_missing, label=label, two_sided=two_sided,
+                         include_flagged=include_flagged)
     except ValueError as err:
         _fail(err)
     click.echo(report.format())
@@ -218,24 +245,25 @@ def regress(run_dir: Path, reference: Path, tolerances: Path | None, allow_missi
 @click.argument("config_file")
 @click.option("--data-root", type=PathArg, default=None, help="ImageNet-style folder (train/<class>/*).")
 @click.option("--work-dir", type=PathArg, default=None, help="Default: work_dirs/<config name>.")
-@click.option("--epochs", "--max-epochs", "epochs", type=int, default=None,
-              help="Stop after this many epochs (the cosine schedule stays the config's, so a later run continues).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
+              help="Length of the run: the cosine schedule spans this many epochs (default: the config's).")
+@click.option("--stop-after-epochs", type=click.IntRange(min=1), default=None,
+              help="Stop after this many epochs of the schedule; running again resumes it.")
 @click.option("--no-resume", is_flag=True, help="Start from scratch even if a checkpoint exists.")
 @click.option("--device", default=None)
-def pretrain(config_file: str, data_root: Path | None, work_dir: Path | None, epochs: int | None, no_resume: bool,
-             device: str | None) -> None:
+def pretrain(config_file: str, data_root: Path | None, work_dir: Path | None, epochs: int | None,
+             stop_after_epochs: int | None, no_resume: bool, device: str | None) -> None:
     """Pretrain a ResNet-50 with DenseCL (resumable; torchrun for several GPUs)."""
-    from densecl_bench.config import ConfigError
     from densecl_bench.pretrain import PretrainInterrupted, QueueSizeError, TrainingDiverged
     from densecl_bench.pretrain import pretrain as run_pretrain
 
     try:
         latest = run_pretrain(config_file, data_root=data_root, work_dir=work_dir, resume=not no_resume,
-                              max_epochs=epochs, device=device)
+                              epochs=epochs, max_epochs=stop_after_epochs, device=device)
     except PretrainInterrupted as err:
         click.echo(str(err), err=True)
         sys.exit(err.exit_code)
-    except (ConfigError, QueueSizeError, TrainingDiverged) as err:
+    except (QueueSizeError, TrainingDiverged) as err:
         _fail(err)
     click.echo(f"latest checkpoint: {latest}")
 

@@ -1,9 +1,9 @@
 """Protocol configs: YAML files read with `yaml.safe_load` (never executed), with profiles.
 
 A config is a mapping of protocol parameters plus an optional `profiles:` mapping
-(`demo`, ...) whose entries override the top level. Configs ship inside the package
-(`densecl_bench/configs/{benchmarks,pretrain}`) and are also reachable from the repo's
-top-level `benchmarks/` and `pretrain/` folders.
+(`demo`, `vissl`, ...) whose entries override the top level; several profiles compose in order.
+Configs ship inside the package (`densecl_bench/configs/{benchmarks,pretrain}`) and are also
+reachable from the repo's top-level `benchmarks/` and `pretrain/` folders.
 """
 
 from __future__ import annotations
@@ -11,15 +11,18 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from densecl_bench.errors import UserError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file is missing, unreadable or has a bad value; the message names the file."""
 
 
@@ -47,24 +50,32 @@ def _read(path: Path) -> dict[str, Any]:
     return raw
 
 
-def load(name_or_path: str | Path, kind: str, profile: str | None = None, *, if_offered: bool = False) -> dict[str, Any]:
-    """Load a config and apply `profile`'s overrides (deeply merged); returns a plain dict.
+def offered(name_or_path: str | Path, kind: str) -> list[str]:
+    """The profile names a config defines."""
+    return list(_read(find(name_or_path, kind)).get("profiles") or {})
 
-    With `if_offered`, a profile the config does not define is ignored (the config runs as written),
-    so one suite-wide profile such as `demo` can be passed to every benchmark.
+
+def load(name_or_path: str | Path, kind: str, profiles: str | Sequence[str] | None = None, *,
+         if_offered: bool = False) -> dict[str, Any]:
+    """Load a config and apply the overrides of `profiles` in order (deeply merged); returns a plain dict.
+
+    With `if_offered`, profiles the config does not define are left out (the runner reports them), so
+    one suite-wide list such as `demo,vissl` can be passed to every benchmark. `_profile` records the
+    applied ones, comma-joined, or `full` (the published protocol) when none applies.
     """
     path = find(name_or_path, kind)
     raw = _read(path)
-    offered = raw.pop("profiles", None) or {}
+    defined = raw.pop("profiles", None) or {}
+    names = [profiles] if isinstance(profiles, str) else list(profiles or ())
+    unknown = [p for p in names if p not in defined]
+    if unknown and not if_offered:
+        raise ConfigError(f"{path}: no profile {unknown[0]!r} (profiles: {', '.join(defined) or 'none'})")
+    applied = [p for p in names if p in defined]
     cfg = copy.deepcopy(raw)
-    if if_offered and profile not in offered:
-        profile = None
-    if profile is not None and profile != "full":
-        if profile not in offered:
-            raise ConfigError(f"{path}: no profile {profile!r} (profiles: {', '.join(offered) or 'none'})")
-        cfg = merge(cfg, offered[profile])
+    for name in applied:
+        cfg = merge(cfg, defined[name])
     cfg["_config"] = path.stem
-    cfg["_profile"] = profile or "full"
+    cfg["_profile"] = ",".join(applied) or "full"
     return cfg
 
 

@@ -10,9 +10,17 @@ import logging
 from importlib.metadata import entry_points
 
 from densecl_bench.benchmarks.base import Benchmark
+from densecl_bench.errors import UserError
 
 GROUP = "densecl_bench.benchmarks"
 log = logging.getLogger(__name__)
+
+
+class UnknownBenchmark(UserError, KeyError):
+    """A benchmark name that no registered plugin answers to; the message lists the registered names."""
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
 
 
 def available() -> dict[str, type[Benchmark]]:
@@ -39,7 +47,7 @@ def resolve(names: list[str]) -> list[type[Benchmark]]:
     chosen: list[type[Benchmark]] = []
     for name in names:
         if name not in by_alias:
-            raise KeyError(f"unknown benchmark {name!r}; registered: {', '.join(sorted(by_alias))}")
+            raise UnknownBenchmark(f"unknown benchmark {name!r}; registered: {', '.join(sorted(by_alias))}")
         if by_alias[name] not in chosen:
             chosen.append(by_alias[name])
     return chosen

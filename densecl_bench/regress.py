@@ -3,9 +3,15 @@
 Tolerances (a dict or a YAML file) map `default`, a benchmark name, or `benchmark.metric` to an
 absolute tolerance in points (`0.5`, or `{abs: 0.5}`) and/or `{sigma: k}`: with more than one trial,
 |delta| <= k * (sample std of the trials); with one trial, or trials that agree exactly, the
-absolute tolerance applies. The most specific key wins for each of `abs` and `sigma`. String metrics
-(the best layer) must be equal. A reference metric the run lacks fails unless `allow_missing`; null
-reference entries (the seed's empty COCO row) are reported as skipped. PROTOCOLS.md §9, §10.
+absolute tolerance applies. The most specific key wins for each of `abs` and `sigma`.
+
+Verdicts: `ok` within tolerance, `worse` below it (fails), `better` above it (fails only when
+`two_sided`: a large improvement on released weights means the protocol moved). Every metric is
+higher-is-better (accuracy, mAP, AP, mIoU). String metrics (the best layer) are `ok` or `differs`
+(fails). A reference metric the run lacks fails unless `allow_missing`; so does one whose records
+carry a caveat (`results.caveats`: partial checkpoint, skipped images), `excluded` unless
+`include_flagged`. Null reference entries (the seed's empty COCO row) are reported as skipped.
+PROTOCOLS.md §9, §10.
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ import pandas as pd
 import yaml
 
 from densecl_bench.config import ConfigError
-from densecl_bench.results import current
+from densecl_bench.results import caveats, current
 
 DEFAULT_ABS = 0.5
-PASS, FAIL, MISSING, SKIPPED = "pass", "FAIL", "missing", "skipped: no reference"
+OK, WORSE, BETTER, DIFFERS = "ok", "worse", "better", "differs"
+MISSING, EXCLUDED, SKIPPED = "missing", "excluded", "skipped: no reference"
 
 
 @dataclass(frozen=True)
@@ -59,11 +66,15 @@ class RegressRow:
 
 @dataclass(frozen=True)
 class RegressReport:
-    """The gate's answer: `ok` (the CLI exits 0) or not (exit 1), and the rows to print."""
+    """The gate's answer: `ok` (the CLI exits 0) or not (exit 1), and the rows to print.
+
+    excluded: the caveats of records left out of the comparison (`include_flagged` judges them).
+    """
 
     rows: list[RegressRow]
     label: str | None
     demo: bool
+    excluded: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -88,8 +99,10 @@ class RegressReport:
                  for row in [header, *body]]
         counts = pd.Series([r.verdict for r in self.rows], dtype=object).value_counts()
         summary = ", ".join(f"{n} {v}" for v, n in counts.items())
-        lines.append(f"{'OK' if self.ok else 'REGRESSION'}: {summary or 'no rows'}"
+        lines.append(f"{'OK' if self.ok else 'FAIL'}: {summary or 'no rows'}"
                      + (f" (run {self.label})" if self.label else ""))
+        if self.excluded:
+            lines.append(f"Left out: records made with {'; '.join(self.excluded)} (--include-flagged judges them).")
         if self.demo:
             lines.append("Note: measured on the embedded demo data; not comparable to published numbers.")
         return "\n".join(lines) + "\n"
@@ -146,18 +159,24 @@ def _summarize(values: list[float | str]) -> tuple[float | str, float | None]:
     return float(series.mean(skipna=False)), std
 
 
-def _judge(benchmark: str, metric: str, ref: Any, values: list[float | str], tol: Tolerance) -> RegressRow:
+def _judge(benchmark: str, metric: str, ref: Any, values: list[float | str], tol: Tolerance,
+           two_sided: bool) -> RegressRow:
     measured, std = _summarize(values)
     if isinstance(measured, str) or isinstance(ref, str):
-        failed = not all(v == ref for v in values)
+        same = all(v == ref for v in values)
         return RegressRow(benchmark, metric, ref, measured, None, len(values), None, "equal",
-                          FAIL if failed else PASS, failed)
+                          OK if same else DIFFERS, not same)
     delta = measured - float(ref)
     spread = std if std is not None and math.isfinite(std) and std > 0 else None
     limit = tol.sigma * spread if tol.sigma is not None and spread is not None else tol.abs
-    failed = not (math.isfinite(delta) and abs(delta) <= limit + 1e-9)
+    if math.isfinite(delta) and abs(delta) <= limit + 1e-9:
+        verdict, failed = OK, False
+    elif math.isfinite(delta) and delta > 0:
+        verdict, failed = BETTER, two_sided
+    else:  # below the reference, or not a number at all
+        verdict, failed = WORSE, True
     return RegressRow(benchmark, metric, float(ref), measured, std, len(values), delta, tol.describe(spread),
-                      FAIL if failed else PASS, failed)
+                      verdict, failed)
 
 
 def _skipped(benchmark: str, metric: str, values: list[float | str] | None) -> RegressRow:
@@ -171,11 +190,15 @@ def compare(
     tolerances: dict[str, Any] | str | os.PathLike[str] | None = None,
     allow_missing: bool = False,
     label: str | None = None,
+    two_sided: bool = False,
+    include_flagged: bool = False,
 ) -> RegressReport:
     """Judge a run's records (mean over trials) against a reference JSON (`{results: {bench: {metric: v}}}`).
 
     label picks one row label when the records hold several. Measured metrics the reference does not
-    list are reported as skipped, never failed.
+    list are reported as skipped, never failed. two_sided: `better` beyond tolerance fails too.
+    include_flagged: judge records with caveats (partial checkpoint, skipped images) instead of
+    reporting them `excluded`.
     """
     if not isinstance(reference, dict):
         reference = json.loads(Path(reference).read_text())
@@ -189,6 +212,8 @@ def compare(
         if label not in labels:
             raise ValueError(f"no records labelled {label!r} (labels: {', '.join(labels) or 'none'})")
         recs = [r for r in recs if r["label"] == label]
+    flagged = {} if include_flagged else {(r["benchmark"], r["metric"]): caveats(r) for r in recs if caveats(r)}
+    recs = [r for r in recs if (r["benchmark"], r["metric"]) not in flagged]
     measured: dict[tuple[str, str], list[float | str]] = {}
     for r in sorted(recs, key=lambda r: r["trial"]):
         measured.setdefault((r["benchmark"], r["metric"]), []).append(r["value"])
@@ -200,7 +225,9 @@ def compare(
         for metric, ref in ref_metrics.items():
             values = measured.get((bench, metric))
             if ref is not None and values is not None:
-                rows.append(_judge(bench, metric, ref, values, resolve(tols, bench, metric)))
+                rows.append(_judge(bench, metric, ref, values, resolve(tols, bench, metric), two_sided))
+            elif ref is not None and (bench, metric) in flagged:
+                rows.append(RegressRow(bench, metric, ref, None, None, 0, None, "", EXCLUDED, not allow_missing))
             elif ref is not None:
                 rows.append(RegressRow(bench, metric, ref, None, None, 0, None, "", MISSING, not allow_missing))
             elif values is None:
@@ -212,4 +239,5 @@ def compare(
     rows += [_skipped(bench, metric, values) for (bench, metric), values in measured.items()
              if bench not in ref_results]
     demo = any(r.get("provenance", {}).get("demo") for r in recs)
-    return RegressReport(rows, label if label is not None else (labels[0] if labels else None), demo)
+    excluded = tuple(dict.fromkeys(note for notes in flagged.values() for note in notes))
+    return RegressReport(rows, label if label is not None else (labels[0] if labels else None), demo, excluded)

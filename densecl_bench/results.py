@@ -21,14 +21,12 @@ import os
 import subprocess
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import densecl_bench
 from densecl_bench.paths import atomic_path, atomic_write_json
-
-if TYPE_CHECKING:
-    from densecl_bench.benchmarks.base import Metric
 
 LEDGER_FILE = "ledger.jsonl"
 MANIFEST_FILE = "run.json"
@@ -38,6 +36,20 @@ PROVENANCE_KEYS = (
     "torchvision_version", "numpy_version", "sklearn_version", "git_commit", "device", "world_size",
     "seed", "wall_time_s", "demo", "data_root", "timestamp",
 )
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One number a benchmark produced. `name` is the table column key (e.g. `k=16`, `feature4`, `AP50`).
+
+    `value` is a float (percent, as the tables print it) or, for labels such as the best layer, a str.
+    `extra` carries what the ledger keeps but the tables do not print (min/max/std, chosen costs...).
+    """
+
+    benchmark: str
+    name: str
+    value: float | str
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class LedgerError(ValueError):
@@ -145,6 +157,21 @@ def current(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         if r["fingerprint"] == latest[(r["label"], r["benchmark"])]:
             kept[(r["label"], r["benchmark"], r["metric"], r["trial"])] = r
     return list(kept.values())
+
+
+def caveats(record: dict[str, Any]) -> list[str]:
+    """Why a record may not measure the plain protocol: a partial checkpoint, left-out images.
+
+    Tables mark such rows and the regression gate leaves them out unless asked.
+    """
+    prov = record.get("provenance") or {}
+    out = []
+    if prov.get("allow_partial"):
+        out.append(f"--allow-partial ({prov.get('missing_tensors', 0)} backbone tensors missing, left at random init)")
+    skipped = sum((prov.get("skipped_images") or {}).values())
+    if prov.get("on_bad_image") == "skip" or skipped:
+        out.append(f"--skip-bad-images ({skipped} unreadable images left out)")
+    return out
 
 
 def _version(dist: str) -> str | None:

@@ -2,7 +2,13 @@
 
 Without a data root the embedded demo datasets are used (written on first use) and every record
 says so. Each (benchmark, trial) is one resumable stage: re-running the same run id skips stages
-whose protocol fingerprint is already in the ledger.
+whose protocol fingerprint (over every config the stage runs, resolved with the profiles) is already
+in the ledger. A run id belongs to one checkpoint, data root and profile list; reusing it for other
+ones is refused rather than mixing their numbers.
+
+In one process a failed stage is recorded and the suite goes on; user errors (bad checkpoint,
+unknown name, unreadable image) stop it. Under torchrun any failure ends every rank with its message
+(`dist.fail_together`): the other ranks may be waiting in a collective the failed rank never joins.
 """
 
 from __future__ import annotations
@@ -12,15 +18,18 @@ import re
 import sys
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from densecl_bench import config, dist, paths, registry
 from densecl_bench.backbone import Backbone, freeze
-from densecl_bench.benchmarks.base import RunContext
+from densecl_bench.benchmarks.base import Benchmark, Metric, RunContext
 from densecl_bench.checkpoint import LoadedCheckpoint, build_backbone, load_checkpoint
+from densecl_bench.errors import UserError, user_errors
 from densecl_bench.results import Ledger, provenance
 from densecl_bench.tables import write_tables
 
@@ -31,6 +40,12 @@ DEMO_BANNER = (
     "Demo numbers exercise the real protocols on tiny synthetic data; they are not comparable to "
     "published results."
 )
+# manifest facts that identify a run: a run id reused with other values is refused
+RUN_IDENTITY = ("ckpt_sha256", "arch", "data_root", "profiles")
+
+
+class RunMismatch(UserError):
+    """An existing run id was given a different checkpoint, data root or profile list."""
 
 
 @dataclass
@@ -45,10 +60,20 @@ class StageOutcome:
 class SuiteResult:
     run_dir: Path
     stages: list[StageOutcome] = field(default_factory=list)
+    named: tuple[str, ...] = ()  # benchmarks named explicitly (not through `all`)
 
     @property
     def failed(self) -> list[StageOutcome]:
         return [s for s in self.stages if s.status == "failed"]
+
+    def problems(self) -> list[str]:
+        """Why the run is not a success: failed stages, named benchmarks skipped, or nothing run at all."""
+        out = [f"{s.benchmark} trial {s.trial} failed: {s.detail}" for s in self.failed]
+        out += [f"{s.benchmark} was asked for but skipped: {s.detail}" for s in self.stages
+                if s.status == "skipped" and s.benchmark in self.named]
+        if not any(s.status in ("done", "resumed") for s in self.stages) and not out:
+            out.append("nothing ran: " + "; ".join(f"{s.benchmark} {s.status} ({s.detail})" for s in self.stages))
+        return out
 
 
 def _silent(*_args, **_kwargs) -> None:
@@ -61,22 +86,170 @@ def row_label(ckpt: LoadedCheckpoint) -> str:
     if isinstance(cfg, dict) and cfg.get("_config"):
         return str(cfg["_config"])
     if ckpt.layout == "random":
-        return f"random-init-{ckpt.arch}"
+        seed = ckpt.meta.get("seed", 0)
+        return f"random-init-{ckpt.arch}" + (f"-seed{seed}" if seed else "")
     return Path(ckpt.path).stem
 
 
-def load_frozen(ckpt: str, arch: str | None, allow_partial: bool, device: str | None
+def load_frozen(ckpt: str, arch: str | None, allow_partial: bool, device: str | None, seed: int = 0
                 ) -> tuple[LoadedCheckpoint, Backbone, torch.device]:
-    """Checkpoint -> frozen backbone (eval mode, no grads) on `device` (default: this rank's GPU, else CPU)."""
-    loaded = load_checkpoint(ckpt, arch=arch, allow_partial=allow_partial)
-    torch_device = torch.device(device) if device else dist.default_device()
+    """Checkpoint -> frozen backbone (eval mode, no grads) on `device` (default: this rank's GPU, else CPU).
+
+    seed: the weights of `ckpt="random"`.
+    """
+    torch_device = dist.resolve_device(device)
+    loaded = load_checkpoint(ckpt, arch=arch, allow_partial=allow_partial, seed=seed)
     return loaded, freeze(build_backbone(loaded)).to(torch_device), torch_device
 
 
-def default_run_id(label: str, ckpt: LoadedCheckpoint, profile: str) -> str:
+def default_run_id(label: str, ckpt: LoadedCheckpoint, profiles: Sequence[str]) -> str:
     """Stable across re-runs of the same command, so re-running resumes."""
-    parts = [label, profile] if ckpt.layout == "random" else [label, ckpt.sha256[:8], profile]
+    parts = [label, ckpt.sha256[:8], "_".join(profiles) or "full"]
     return re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts))
+
+
+def resolve_profiles(requested: Sequence[str], demo: bool) -> list[str]:
+    """The profiles a run applies: `demo` first on demo data, then the requested ones in order.
+
+    A name no registered benchmark's configs offer is an error naming the offered ones (a typo must
+    not run the default protocol under the typo's name).
+    """
+    offered = sorted({p for cls in registry.available().values() for name in cls.all_configs()
+                      for p in config.offered(name, "benchmarks")})
+    unknown = [p for p in requested if p not in offered]
+    if unknown:
+        raise config.ConfigError(f"unknown profile {', '.join(map(repr, unknown))}: the benchmark configs offer "
+                                 f"{', '.join(offered)}")
+    return list(dict.fromkeys(["demo", *requested] if demo else requested))
+
+
+def stage_protocol(bench: type[Benchmark], profiles: Sequence[str], extra: dict[str, Any]
+                   ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Every config the stage runs, resolved with `profiles` and `extra` (world size, arch), by name;
+    and the profiles none of them offers."""
+    configs = {name: {**config.load(name, "benchmarks", profiles, if_offered=True), **extra}
+               for name in bench.all_configs()}
+    offered = {p for name in configs for p in config.offered(name, "benchmarks")}
+    return configs, [p for p in profiles if p not in offered]
+
+
+def stage_record(bench: type[Benchmark], configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What the ledger stores as a stage's config, and fingerprints: the primary config with the others."""
+    primary = configs[bench.config]
+    extras = {name: cfg for name, cfg in configs.items() if name != bench.config}
+    return {**primary, "_extra_configs": extras} if extras else primary
+
+
+def _open_run(run_dir: Path, manifest: dict[str, Any]) -> Ledger:
+    """The run's ledger; a new run gets its manifest, an existing one must be the same run."""
+    ledger = Ledger(run_dir)
+    old = ledger.manifest()
+    if old is None:
+        if dist.is_main():
+            ledger.write_manifest(manifest)
+        return ledger
+    differ = [key for key in RUN_IDENTITY if key in old and old[key] != manifest[key]]
+    if differ:
+        raise RunMismatch(f"run {run_dir} was recorded with other "
+                          + "; ".join(f"{key} ({old[key]} there, {manifest[key]} now)" for key in differ)
+                          + ": its numbers would not be this command's; pass another --run-id (or --runs-dir)")
+    return ledger
+
+
+@dataclass
+class _Suite:
+    """What every stage of one run shares."""
+
+    ckpt: str
+    loaded: LoadedCheckpoint
+    backbone: Backbone
+    device: torch.device
+    data_root: Path
+    demo: bool
+    ledger: Ledger
+    label: str
+    profiles: list[str]
+    seed: int
+    allow_partial: bool
+    num_workers: int
+    on_bad_image: str
+    echo: Callable[[str], None]
+
+    def context(self, bench: Benchmark, configs: dict[str, dict[str, Any]], trial: int) -> RunContext:
+        return RunContext(
+            backbone=self.backbone, checkpoint=self.loaded, data_root=self.data_root, demo=self.demo,
+            device=self.device, run_dir=self.ledger.run_dir / bench.name / f"trial{trial}",
+            cache_dir=paths.cache_root() / "features", config=configs[bench.config], configs=configs,
+            seed=self.seed + trial, num_workers=self.num_workers, on_bad_image=self.on_bad_image,
+        )
+
+    def provenance(self, ctx: RunContext, wall: float, not_offered: list[str]) -> dict[str, Any]:
+        """The record's provenance, with everything that makes a number deviate from the plain protocol."""
+        loaded = self.loaded
+        return provenance(
+            ckpt_sha256=loaded.sha256, ckpt_layout=loaded.layout, ckpt_path=self.ckpt, arch=loaded.arch,
+            device=self.device, world_size=dist.world_size(), seed=ctx.seed, wall_time_s=wall, demo=self.demo,
+            data_root=self.data_root, profiles=self.profiles, profiles_not_offered=not_offered,
+            allow_partial=self.allow_partial, missing_tensors=len(loaded.missing_keys),
+            on_bad_image=self.on_bad_image,
+            skipped_images={name: len(rows) for name, rows in ctx.skipped_images.items()},
+        )
+
+
+def _run_stage(bench: Benchmark, ctx: RunContext) -> list[Metric]:
+    """`bench.run(ctx)`; a `rank0_only` benchmark under torchrun runs on rank 0 while the other ranks
+    extract their shards of each feature request it makes, and returns [] there."""
+    if not (bench.rank0_only and dist.is_dist()):
+        return bench.run(ctx)
+    if not dist.is_main():
+        ctx.serve_features()
+        return []
+    ctx.lead_extraction = True
+    metrics = bench.run(ctx)
+    dist.broadcast_object(None)  # releases the serving ranks
+    return metrics
+
+
+def _run_benchmark(suite: _Suite, bench: Benchmark, trials: int) -> list[StageOutcome]:
+    """Every trial of one benchmark not yet in the ledger; stops at the first failed trial."""
+    echo = suite.echo
+    missing = [p for p in bench.required_data(suite.data_root) if not p.exists()]
+    if missing:
+        echo(f"[{bench.name}] skipped: no data at {missing[0]}")
+        return [StageOutcome(bench.name, 0, "skipped", f"no data at {missing[0]}")]
+    configs, not_offered = stage_protocol(type(bench), suite.profiles,
+                                          {"world_size": dist.world_size(), "arch": suite.loaded.arch})
+    if not_offered:
+        echo(f"[{bench.name}] profile {', '.join(not_offered)} not offered by {', '.join(configs)}: runs without it")
+    record_cfg = stage_record(type(bench), configs)
+    fp = config.fingerprint(record_cfg)
+    outcomes = []
+    for trial in range(trials):
+        if suite.ledger.completed(bench.name, fp, trial):
+            outcomes.append(StageOutcome(bench.name, trial, "resumed", "already in the ledger"))
+            echo(f"[{bench.name}] trial {trial}: already recorded, skipped (resume)")
+            continue
+        echo(f"[{bench.name}] trial {trial}: running ({bench.config}, profile {configs[bench.config]['_profile']})")
+        ctx = suite.context(bench, configs, trial)
+        start = time.perf_counter()
+        try:
+            metrics = _run_stage(bench, ctx)
+        except user_errors():
+            raise
+        except Exception as err:  # one broken benchmark must not lose the others
+            if dist.is_dist():
+                raise  # the other ranks may be inside a collective: end them all (fail_together)
+            log.debug("benchmark %s failed", bench.name, exc_info=True)
+            echo(f"[{bench.name}] FAILED: {type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}")
+            outcomes.append(StageOutcome(bench.name, trial, "failed", f"{type(err).__name__}: {err}"))
+            break
+        wall = time.perf_counter() - start
+        if dist.is_main():
+            suite.ledger.append(metrics, label=suite.label, trial=trial, config=record_cfg, fingerprint=fp,
+                                provenance=suite.provenance(ctx, wall, not_offered))
+        outcomes.append(StageOutcome(bench.name, trial, "done", f"{len(metrics)} metrics in {wall:.0f}s"))
+        echo(f"[{bench.name}] trial {trial}: {len(metrics)} metrics in {wall:.1f}s")
+    return outcomes
 
 
 def run_suite(
@@ -87,7 +260,7 @@ def run_suite(
     runs_dir: Path = Path("runs"),
     run_id: str | None = None,
     label: str | None = None,
-    profile: str | None = None,
+    profiles: Sequence[str] = (),
     trials: int = 1,
     seed: int = 0,
     arch: str | None = None,
@@ -95,76 +268,45 @@ def run_suite(
     device: str | None = None,
     num_workers: int = 2,
     on_bad_image: str = "raise",
-    echo=print,
+    echo: Callable[[str], None] = print,
 ) -> SuiteResult:
-    """Run the named benchmarks (`all` for every registered one) and write ledger and tables."""
+    """Run the named benchmarks (`all` for every registered one) and write ledger and tables.
+
+    profiles: applied in order to every config that offers them (`demo` comes first on demo data).
+    seed: the first trial's seed (trial t uses seed + t) and the weights of `ckpt="random"`.
+    """
+    if trials < 1 or num_workers < 0:
+        raise UserError(f"trials must be >= 1 and workers >= 0 (got {trials} and {num_workers})")
     dist.init_from_env()
     if not dist.is_main():
         echo = _silent  # one voice under torchrun
-    benchmarks = registry.resolve(names)
-    demo = data_root is None
-    if demo:
-        from densecl_bench.data.demo import ensure_demo
+    with dist.fail_together():
+        benchmarks = registry.resolve(names)
+        demo = data_root is None
+        profiles = resolve_profiles(profiles, demo)
+        loaded, backbone, device_ = load_frozen(ckpt, arch, allow_partial, device, seed)
+        if demo:
+            from densecl_bench.data.demo import ensure_demo
 
-        data_root = ensure_demo()
-        if dist.is_main():
+            data_root = ensure_demo()
             echo(DEMO_BANNER.format(root=data_root))
-    profile = profile or ("demo" if demo else "full")
-    loaded, backbone, torch_device = load_frozen(ckpt, arch, allow_partial, device)
-    label = label or row_label(loaded)
-    run_dir = Path(runs_dir) / (run_id or default_run_id(label, loaded, profile))
-    ledger = Ledger(run_dir)
-    if dist.is_main():
-        ledger.write_manifest({
+        data_root = Path(data_root).resolve()
+        label = label or row_label(loaded)
+        run_dir = Path(runs_dir) / (run_id or default_run_id(label, loaded, profiles))
+        ledger = _open_run(run_dir, {
             "run_id": run_dir.name, "label": label, "ckpt": str(ckpt), "ckpt_sha256": loaded.sha256,
-            "ckpt_layout": loaded.layout, "arch": loaded.arch, "profile": profile, "demo": demo,
+            "ckpt_layout": loaded.layout, "arch": loaded.arch, "profiles": profiles, "demo": demo,
             "data_root": str(data_root), "argv": sys.argv,
         })
-    result = SuiteResult(run_dir)
-    for bench_cls in benchmarks:
-        bench = bench_cls()
-        missing = [p for p in bench.required_data(data_root) if not p.exists()]
-        if missing:
-            result.stages.append(StageOutcome(bench.name, 0, "skipped", f"no data at {missing[0]}"))
-            echo(f"[{bench.name}] skipped: no data at {missing[0]}")
-            continue
-        cfg = config.load(bench.config, "benchmarks", profile, if_offered=True)
-        resolved = {**cfg, "world_size": dist.world_size(), "arch": loaded.arch}
-        fp = config.fingerprint(resolved)
-        for trial in range(trials):
-            if ledger.completed(bench.name, fp, trial):
-                result.stages.append(StageOutcome(bench.name, trial, "resumed", "already in the ledger"))
-                echo(f"[{bench.name}] trial {trial}: already recorded, skipped (resume)")
-                continue
-            echo(f"[{bench.name}] trial {trial}: running ({cfg['_config']}, profile {cfg['_profile']})")
-            ctx = RunContext(
-                backbone=backbone, checkpoint=loaded, data_root=Path(data_root), demo=demo, device=torch_device,
-                run_dir=run_dir / bench.name / f"trial{trial}", cache_dir=paths.cache_root() / "features",
-                config=resolved, seed=seed + trial, num_workers=num_workers, on_bad_image=on_bad_image,
-            )
-            start = time.perf_counter()
-            try:
-                metrics = bench.run(ctx)
-            except Exception as err:  # one broken benchmark must not lose the others
-                log.debug("benchmark %s failed", bench.name, exc_info=True)
-                result.stages.append(StageOutcome(bench.name, trial, "failed", f"{type(err).__name__}: {err}"))
-                echo(f"[{bench.name}] FAILED: {type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}")
-                break
-            wall = time.perf_counter() - start
-            if dist.is_main():
-                prov = provenance(
-                    ckpt_sha256=loaded.sha256, ckpt_layout=loaded.layout, ckpt_path=str(ckpt), arch=loaded.arch,
-                    device=str(torch_device), world_size=dist.world_size(), seed=seed + trial, wall_time_s=wall,
-                    demo=demo, data_root=str(data_root),
-                )
-                ledger.append(metrics, label=label, trial=trial, config=resolved, fingerprint=fp, provenance=prov)
-            result.stages.append(StageOutcome(bench.name, trial, "done", f"{len(metrics)} metrics in {wall:.0f}s"))
-            echo(f"[{bench.name}] trial {trial}: {len(metrics)} metrics in {wall:.1f}s")
-    if dist.is_main():
-        write_tables(run_dir)
-    dist.barrier()
+        suite = _Suite(str(ckpt), loaded, backbone, device_, data_root, demo, ledger, label, profiles, seed,
+                       allow_partial, num_workers, on_bad_image, echo)
+        result = SuiteResult(run_dir, named=() if "all" in names else tuple(b.name for b in benchmarks))
+        for bench_cls in benchmarks:
+            result.stages += _run_benchmark(suite, bench_cls(), trials)
+        if dist.is_main():
+            write_tables(run_dir)
+        dist.barrier()
     return result
-
 
 
 # dataset name -> (folder under the data root, reader, protocol transform, pooling)

@@ -4,7 +4,8 @@ The layout (titles, the text under each title, column headers, which (benchmark,
 column, and the decimals the published tables print) is data: `LAYOUT`. Rows are labelled by the
 records' `label` (the pretraining config name). Missing values are blank; repeated trials render as
 `mean ± std` (sample std); several runs render side by side with delta rows against the first row.
-Metrics the layout does not know (third-party benchmarks, extra metrics) get their own tables.
+Metrics the layout does not know (third-party benchmarks, extra metrics) get their own tables. Rows
+with a caveat (`results.caveats`: partial checkpoint, skipped images) carry a `†` and a note.
 Layout source: MMSelfSup 0.x `configs/selfsup/densecl/README.md` (PROTOCOLS.md §9, §10).
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from densecl_bench.paths import atomic_write_text
-from densecl_bench.results import Ledger, current
+from densecl_bench.results import Ledger, caveats, current
 
 LABEL_HEADER = "Self-Supervised Config"
 TABLES_FILE = "tables.md"
@@ -76,6 +77,7 @@ LAYOUT: tuple[Table, ...] = (
 KNOWN = {(c.benchmark, c.metric) for t in LAYOUT for c in t.columns}
 DEMO_NOTE = ("Demo data: the numbers of {rows} come from the embedded demo datasets "
              "and are not comparable to the published ones.")
+CAVEAT_MARK = "†"
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class Cell:
     std: float | None
     n: int
     demo: bool
+    caveats: tuple[str, ...] = ()
 
     def format(self, decimals: int) -> str:
         if isinstance(self.value, str):
@@ -97,14 +100,15 @@ class Cell:
 def _cell(group: pd.DataFrame) -> Cell:
     values = list(group["value"])
     demo = bool(group["demo"].any())
+    notes = tuple(dict.fromkeys(note for notes in group["caveats"] for note in notes))
     if any(isinstance(v, str) for v in values):
         counts = pd.Series([str(v) for v in values]).value_counts()
         top = str(counts.index[0])
         text = top if len(counts) == 1 else f"{top} ({counts.iloc[0]}/{len(values)})"
-        return Cell(text, None, len(values), demo)
+        return Cell(text, None, len(values), demo, notes)
     series = pd.Series(values, dtype=float)
     std = float(series.std(ddof=1, skipna=False)) if len(series) > 1 else None
-    return Cell(float(series.mean(skipna=False)), std, len(series), demo)
+    return Cell(float(series.mean(skipna=False)), std, len(series), demo, notes)
 
 
 def reference_records(json_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -173,7 +177,7 @@ def render(runs: Sequence[Sequence[dict[str, Any]]], names: Sequence[str] | None
         for r in current(records):
             rows_data.append({"run": i, "label": r["label"], "benchmark": r["benchmark"],
                               "metric": r["metric"], "value": r["value"],
-                              "demo": bool(r.get("provenance", {}).get("demo"))})
+                              "demo": bool(r.get("provenance", {}).get("demo")), "caveats": caveats(r)})
     if not rows_data:
         return "No results recorded.\n"
     frame = pd.DataFrame(rows_data)
@@ -193,7 +197,10 @@ def render(runs: Sequence[Sequence[dict[str, Any]]], names: Sequence[str] | None
         grid = [[cells.get((*key, c.benchmark, c.metric)) for c in table.columns] for key in row_keys]
         if skip_empty and not any(cell for row in grid for cell in row):
             continue
-        body = [[row_names[key], *(cell.format(c.decimals) if cell else "" for cell, c in zip(row, table.columns))]
+        notes = {key: list(dict.fromkeys(n for cell in row if cell for n in cell.caveats))
+                 for key, row in zip(row_keys, grid)}
+        body = [[row_names[key] + (f" {CAVEAT_MARK}" if notes[key] else ""),
+                 *(cell.format(c.decimals) if cell else "" for cell, c in zip(row, table.columns))]
                 for key, row in zip(row_keys, grid)]
         if deltas:
             base = row_names[row_keys[0]]
@@ -205,8 +212,10 @@ def render(runs: Sequence[Sequence[dict[str, Any]]], names: Sequence[str] | None
             lines += [table.text, ""]
         lines += _pipe_table([LABEL_HEADER, *(c.header for c in table.columns)], body)
         demo_rows = [row_names[key] for key, row in zip(row_keys, grid) if any(cell and cell.demo for cell in row)]
-        if demo_rows:
-            lines += ["", DEMO_NOTE.format(rows=", ".join(demo_rows))]
+        footnotes = [DEMO_NOTE.format(rows=", ".join(demo_rows))] if demo_rows else []
+        footnotes += [f"{CAVEAT_MARK} {row_names[key]}: {'; '.join(notes[key])}." for key in row_keys if notes[key]]
+        for note in footnotes:
+            lines += ["", note]
         blocks.append("\n".join(lines) + "\n")
     return "\n".join(blocks)
 

@@ -18,6 +18,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 from densecl_bench.backbone import Backbone, random_state_dict
 from densecl_bench.checkpoint import (
@@ -386,12 +387,54 @@ def test_no_backbone_found(tmp_path):
         load_checkpoint(path)
 
 
-def test_random_checkpoint():
+def test_random_checkpoint_weights_and_hash_follow_the_seed():
     ckpt = load_checkpoint("random", "resnet18")
-    assert (ckpt.layout, ckpt.sha256, ckpt.arch) == ("random", "random-resnet18-seed0", "resnet18")
+    description = b"densecl-bench random init: arch=resnet18 seed=0 init=torchvision"
+    assert (ckpt.layout, ckpt.sha256, ckpt.arch) == ("random", hashlib.sha256(description).hexdigest(), "resnet18")
     ref = random_state_dict("resnet18", seed=0)
     assert all(torch.equal(ckpt.state_dict[k], v) for k, v in ref.items())
-    assert load_checkpoint("random").sha256 == "random-resnet50-seed0"
+    seeded = load_checkpoint("random", "resnet18", seed=3)
+    assert seeded.sha256 == hashlib.sha256(description.replace(b"seed=0", b"seed=3")).hexdigest()
+    assert not torch.equal(seeded.state_dict["conv1.weight"], ckpt.state_dict["conv1.weight"])
+    assert torch.equal(seeded.state_dict["conv1.weight"], random_state_dict("resnet18", seed=3)["conv1.weight"])
+    assert load_checkpoint("random").sha256 not in (ckpt.sha256, seeded.sha256)  # resnet50
+
+
+def test_non_finite_tensors_are_refused_by_name(tmp_path):
+    sd = torchvision.models.resnet18().state_dict()
+    sd["layer2.0.bn1.running_var"][3] = float("nan")
+    sd["fc.weight"][0, 0] = float("inf")  # not part of the backbone: ignored
+    sd["conv1.weight"][0, 0, 0, :2] = float("inf")
+    torch.save(sd, tmp_path / "diverged.pth")
+    with pytest.raises(CheckpointError, match=r"2 backbone tensor\(s\) hold NaN or inf") as err:
+        load_checkpoint(tmp_path / "diverged.pth")
+    assert "conv1.weight (2 of 9408)" in str(err.value) and "layer2.0.bn1.running_var (1 of 128)" in str(err.value)
+    with pytest.raises(CheckpointError, match="NaN or inf"):
+        load_checkpoint(tmp_path / "diverged.pth", allow_partial=True)
+
+
+def test_truncated_checkpoint_says_so(tmp_path):
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    for name, cut in (("half.pth", len(data) // 2), ("tail.pth", len(data) - 100)):
+        (tmp_path / name).write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="truncated or corrupt"):
+            load_checkpoint(tmp_path / name)
+    pickled = pickle.dumps({"conv1.weight": np.zeros(3)})
+    (tmp_path / "cut.pkl").write_bytes(pickled[: len(pickled) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(tmp_path / "cut.pkl")
+
+
+def test_convert_refuses_to_overwrite_its_input(tmp_path):
+    src = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), src)
+    before = src.read_bytes()
+    (tmp_path / "link.pth").symlink_to(src)
+    for out in (src, tmp_path / "." / "r18.pth", tmp_path / "link.pth"):
+        with pytest.raises(CheckpointError, match="the output is the input file"):
+            convert(src, "torchvision", out)
+    assert src.read_bytes() == before
 
 
 # ------------------------------------------------------------------------------------ safety

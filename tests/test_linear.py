@@ -287,7 +287,8 @@ def test_imagenet_plugin_fills_feature_and_avgpool_columns(tmp_path):
                         "batch_size_per_gpu": 8, "eval_interval": 1, "world_size": 1})
     ckpt = LoadedCheckpoint(state_dict={}, arch="resnet18", layout="random", sha256="0" * 64, path="random")
     ctx = RunContext(backbone=tiny_backbone(), checkpoint=ckpt, data_root=root, demo=True, device=CPU,
-                     run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", config=cfg, num_workers=0)
+                     run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", config=cfg, num_workers=0,
+                     configs={IN_AVGPOOL: {**config.load(IN_AVGPOOL, "benchmarks", "demo"), "world_size": 1}})
     bench = ImagenetLinear()
     assert all(p.exists() for p in bench.required_data(root))
     metrics = bench.run(ctx)

@@ -1,4 +1,5 @@
-"""Regression gate verdicts: pass, FAIL, missing (and allowed), sigma tolerances, string equality, skips."""
+"""Regression gate verdicts: ok, worse, better (two-sided), missing (and allowed), excluded caveated records,
+sigma tolerances, string equality, skips."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ REFERENCE = {"model": "ref", "results": {
 }}
 
 
-def rec(bench, metric, value, trial=0, label="run", demo=False):
+def rec(bench, metric, value, trial=0, label="run", demo=False, **provenance):
     return {"benchmark": bench, "metric": metric, "value": value, "extra": {}, "trial": trial, "label": label,
-            "fingerprint": "fp", "config": {}, "provenance": {"demo": demo}}
+            "fingerprint": "fp", "config": {}, "provenance": {"demo": demo, **provenance}}
 
 
 def full_run(svm=82.5, layer="feature5", k10=48.2, k20=48.5):
@@ -37,8 +38,8 @@ def verdicts(report):
 def test_within_tolerance_passes_and_null_reference_is_skipped():
     report = compare(full_run(svm=82.1, k10=48.6), REFERENCE)
     assert report.ok
-    assert verdicts(report) == {("voc07_svm", "best_layer"): "pass", ("voc07_svm", "svm"): "pass",
-                                ("imagenet_knn", "k=10"): "pass", ("imagenet_knn", "k=20"): "pass",
+    assert verdicts(report) == {("voc07_svm", "best_layer"): "ok", ("voc07_svm", "svm"): "ok",
+                                ("imagenet_knn", "k=10"): "ok", ("imagenet_knn", "k=20"): "ok",
                                 ("coco_mask_rcnn_fpn_1x", "*"): "skipped: no reference"}
     svm = next(r for r in report.rows if r.metric == "svm")
     assert svm.delta == pytest.approx(-0.4) and svm.measured == pytest.approx(82.1)
@@ -47,9 +48,40 @@ def test_within_tolerance_passes_and_null_reference_is_skipped():
 def test_outside_tolerance_fails():
     report = compare(full_run(k20=47.9), REFERENCE)  # delta -0.6 > default 0.5
     assert not report.ok
-    assert verdicts(report)[("imagenet_knn", "k=20")] == "FAIL"
+    assert verdicts(report)[("imagenet_knn", "k=20")] == "worse"
     text = report.format()
-    assert "REGRESSION" in text and "imagenet_knn.k=20" in text and "-0.60" in text
+    assert "FAIL: " in text and "imagenet_knn.k=20" in text and "-0.60" in text and "1 worse" in text
+
+
+def test_better_beyond_tolerance_passes_unless_two_sided():
+    run = full_run(svm=84.0, k20=47.9)  # +1.5 and -0.6
+    report = compare(run, REFERENCE)
+    assert verdicts(report)[("voc07_svm", "svm")] == "better"
+    assert [r.metric for r in report.rows if r.failed] == ["k=20"]
+    report = compare(full_run(svm=84.0), REFERENCE)
+    assert report.ok and "OK: " in report.format() and "1 better" in report.format()
+    two = compare(full_run(svm=84.0), REFERENCE, two_sided=True)
+    assert not two.ok and verdicts(two)[("voc07_svm", "svm")] == "better"
+    assert compare(full_run(svm=82.9), REFERENCE, two_sided=True).ok  # +0.4 is within tolerance
+
+
+def test_nan_is_worse():
+    assert verdicts(compare(full_run(k10=float("nan")), REFERENCE))[("imagenet_knn", "k=10")] == "worse"
+
+
+def test_records_with_caveats_are_excluded_unless_asked():
+    partial = [r for r in full_run() if r["benchmark"] == "voc07_svm"] + [
+        rec("imagenet_knn", "k=10", 48.2, allow_partial=True, missing_tensors=3),
+        rec("imagenet_knn", "k=20", 48.5, on_bad_image="skip", skipped_images={"imagenet/val": 2})]
+    report = compare(partial, REFERENCE)
+    assert verdicts(report)[("imagenet_knn", "k=10")] == verdicts(report)[("imagenet_knn", "k=20")] == "excluded"
+    assert not report.ok
+    text = report.format()
+    assert "--allow-partial (3 backbone tensors missing" in text and "--skip-bad-images (2 unreadable" in text
+    assert "--include-flagged" in text
+    assert compare(partial, REFERENCE, allow_missing=True).ok
+    judged = compare(partial, REFERENCE, include_flagged=True)
+    assert judged.ok and verdicts(judged)[("imagenet_knn", "k=10")] == "ok" and not judged.excluded
 
 
 def test_missing_metric_fails_unless_allowed():
@@ -62,15 +94,15 @@ def test_missing_metric_fails_unless_allowed():
 
 def test_string_metrics_must_be_equal():
     assert not compare(full_run(layer="feature4"), REFERENCE).ok
-    assert verdicts(compare(full_run(layer="feature4"), REFERENCE))[("voc07_svm", "best_layer")] == "FAIL"
+    assert verdicts(compare(full_run(layer="feature4"), REFERENCE))[("voc07_svm", "best_layer")] == "differs"
 
 
 def test_per_benchmark_and_per_metric_tolerances(tmp_path):
     run = full_run(svm=82.2, k10=47.5, k20=48.0)  # deltas -0.3, -0.7, -0.5
     tols = {"default": 0.25, "voc07_svm": 0.3, "imagenet_knn.k=10": {"abs": 0.8}}
     assert verdicts(compare(run, REFERENCE, tols)) == {
-        ("voc07_svm", "best_layer"): "pass", ("voc07_svm", "svm"): "pass", ("imagenet_knn", "k=10"): "pass",
-        ("imagenet_knn", "k=20"): "FAIL", ("coco_mask_rcnn_fpn_1x", "*"): "skipped: no reference"}
+        ("voc07_svm", "best_layer"): "ok", ("voc07_svm", "svm"): "ok", ("imagenet_knn", "k=10"): "ok",
+        ("imagenet_knn", "k=20"): "worse", ("coco_mask_rcnn_fpn_1x", "*"): "skipped: no reference"}
     path = tmp_path / "tol.yaml"
     path.write_text("default: 0.25\nvoc07_svm: 0.3\nimagenet_knn.k=10: {abs: 0.8}\n")
     assert verdicts(compare(run, REFERENCE, path)) == verdicts(compare(run, REFERENCE, tols))
@@ -86,13 +118,13 @@ def test_sigma_tolerance_uses_the_trials_std():
     run = full_run()[:3] + [rec("imagenet_knn", "k=20", v, trial=t) for t, v in enumerate(values)]
     row = lambda report: next(r for r in report.rows if r.metric == "k=20")  # noqa: E731
     two = row(compare(run, REFERENCE, {"imagenet_knn.k=20": {"sigma": 2}}))  # 0.6 <= 2 * 0.3
-    assert two.verdict == "pass" and two.std == pytest.approx(std) and two.trials == 3
+    assert two.verdict == "ok" and two.std == pytest.approx(std) and two.trials == 3
     assert two.measured == pytest.approx(statistics.fmean(values))
-    assert row(compare(run, REFERENCE, {"imagenet_knn.k=20": {"sigma": 1.5}})).verdict == "FAIL"  # 0.6 > 0.45
+    assert row(compare(run, REFERENCE, {"imagenet_knn.k=20": {"sigma": 1.5}})).verdict == "worse"  # 0.6 > 0.45
     # one trial: sigma has no std to use, the absolute tolerance applies
     single = full_run(k20=48.0)
-    assert row(compare(single, REFERENCE, {"imagenet_knn": {"sigma": 2}, "default": 0.6})).verdict == "pass"
-    assert row(compare(single, REFERENCE, {"imagenet_knn": {"sigma": 2}, "default": 0.4})).verdict == "FAIL"
+    assert row(compare(single, REFERENCE, {"imagenet_knn": {"sigma": 2}, "default": 0.6})).verdict == "ok"
+    assert row(compare(single, REFERENCE, {"imagenet_knn": {"sigma": 2}, "default": 0.4})).verdict == "worse"
 
 
 def test_resolve_prefers_the_most_specific_key_per_field():
@@ -112,7 +144,7 @@ def test_reference_json_against_itself_and_extra_metrics():
     v = verdicts(report)
     assert v[("coco_mask_rcnn_fpn_1x", "bbox_mAP")] == "skipped: no reference"
     assert v[("my_plugin", "acc")] == "skipped: no reference"
-    assert sum(x == "pass" for x in v.values()) == sum(len(m) for m in json.loads(REF_JSON.read_text())[
+    assert sum(x == "ok" for x in v.values()) == sum(len(m) for m in json.loads(REF_JSON.read_text())[
         "results"].values() if m)
 
 

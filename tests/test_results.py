@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from densecl_bench.benchmarks.base import Metric
-from densecl_bench.results import PROVENANCE_KEYS, Ledger, LedgerError, current, provenance
+from densecl_bench.results import PROVENANCE_KEYS, Ledger, LedgerError, Metric, caveats, current, provenance
 
 
 def _append(ledger: Ledger, metrics, *, label="cfg", trial=0, fingerprint="fp1", demo=False):
@@ -127,3 +128,23 @@ def test_provenance_has_every_key(tmp_path):
     assert prov["git_commit"] is None or len(prov["git_commit"]) == 40
     assert prov["timestamp"].endswith("+00:00")
     json.dumps(prov)  # storable as is
+
+
+def test_the_ledger_owns_its_record_type():
+    """Reading a ledger needs neither the plugin contract nor torch; plugins keep importing Metric from base."""
+    code = ("import sys, densecl_bench.results as r; "
+            "assert 'densecl_bench.benchmarks.base' not in sys.modules and 'torch' not in sys.modules; "
+            "from densecl_bench.benchmarks.base import Metric; assert Metric is r.Metric")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_caveats_name_partial_checkpoints_and_skipped_images():
+    def record(**prov):
+        return {"provenance": {"demo": False, **prov}}
+
+    assert caveats(record()) == caveats(record(allow_partial=False, on_bad_image="raise", skipped_images={})) == []
+    assert caveats(record(allow_partial=True, missing_tensors=2)) == [
+        "--allow-partial (2 backbone tensors missing, left at random init)"]
+    assert caveats(record(on_bad_image="skip", skipped_images={"voc07/trainval": 2, "voc07/test": 1})) == [
+        "--skip-bad-images (3 unreadable images left out)"]
+    assert caveats(record(on_bad_image="skip")) == ["--skip-bad-images (0 unreadable images left out)"]

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from densecl_bench.benchmarks.base import Metric
-from densecl_bench.results import Ledger
+from densecl_bench.results import Ledger, Metric
 from densecl_bench.tables import LAYOUT, load_records, reference_records, render, render_run_dir, write_tables
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,9 +36,9 @@ def parse_tables(markdown: str) -> dict[str, tuple[list[str], list[list[str]]]]:
     return tables
 
 
-def rec(bench, metric, value, *, label="cfg", trial=0, demo=False, fp="fp"):
+def rec(bench, metric, value, *, label="cfg", trial=0, demo=False, fp="fp", **provenance):
     return {"benchmark": bench, "metric": metric, "value": value, "extra": {}, "trial": trial, "label": label,
-            "fingerprint": fp, "config": {}, "provenance": {"demo": demo}}
+            "fingerprint": fp, "config": {}, "provenance": {"demo": demo, **provenance}}
 
 
 def test_reference_json_reproduces_the_seed_tables_cell_by_cell():
@@ -124,6 +123,23 @@ def test_demo_records_get_a_note_and_unknown_metrics_their_own_table():
     tables = parse_tables(out)
     assert tables["Other metrics: imagenet_knn"] == (["Self-Supervised Config", "top5_k=10"], [["random", "55.00"]])
     assert tables["Other metrics: my_plugin"] == (["Self-Supervised Config", "acc"], [["random", "12.35"]])
+
+
+def test_rows_with_caveats_are_marked_in_every_table():
+    out = render([[rec("voc07_svm", "svm", 80.0, label="partial", allow_partial=True, missing_tensors=4),
+                   rec("imagenet_knn", "k=10", 40.0, label="partial", allow_partial=True, missing_tensors=4),
+                   rec("imagenet_knn", "k=10", 41.0, label="skipping", on_bad_image="skip",
+                       skipped_images={"imagenet/val": 3}),
+                   rec("imagenet_knn", "k=10", 42.0, label="clean")]])
+    tables = parse_tables(out)
+    assert [row[0] for row in tables["VOC SVM / Low-shot SVM"][1]] == ["partial †", "skipping", "clean"]
+    assert [row[0] for row in tables["ImageNet Nearest-Neighbor Classification"][1]] == [
+        "partial †", "skipping †", "clean"]
+    knn = out[out.index("### ImageNet Nearest"):out.index("### Detection: Pascal")]
+    assert "† partial: --allow-partial (4 backbone tensors missing, left at random init)." in knn
+    assert "† skipping: --skip-bad-images (3 unreadable images left out)." in knn
+    voc = out[:out.index("### ImageNet Linear")]
+    assert "† partial:" in voc and "skipping:" not in voc
 
 
 def test_rerun_under_a_new_config_replaces_the_old_numbers():

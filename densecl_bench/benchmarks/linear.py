@@ -1,8 +1,9 @@
 """ImageNet and Places205 linear evaluation plugins (PROTOCOLS.md §4; MMSelfSup 0.x linear configs).
 
 `imagenet_linear` fills the "ImageNet Linear Evaluation" table: Feature1..Feature5 from the multi-head
-probe and AvgPool from the separate AvgPool-linear probe (its config is named by the multi-head config's
-`avgpool_config`, loaded with the same profile). `places205_linear` fills "Places205 Linear Evaluation".
+probe and AvgPool from the separate AvgPool-linear probe (its own config, an `extra_configs` entry: the
+runner resolves it with the same profiles and fingerprints the stage over both).
+`places205_linear` fills "Places205 Linear Evaluation".
 Each probe checkpoints under the stage's run dir and resumes from it when the stage is re-run.
 """
 
@@ -86,6 +87,7 @@ class ImagenetLinear(_MultiHeadLinear):
     aliases = ("in_linear",)
     table = "ImageNet Linear Evaluation"
     config = "resnet50_mhead_linear-8xb32-steplr-90e_in1k"
+    extra_configs = ("resnet50_linear-8xb32-steplr-100e_in1k",)  # the AvgPool column
     order = 30
     folder = "imagenet"
     reader = staticmethod(imagenet)
@@ -94,11 +96,8 @@ class ImagenetLinear(_MultiHeadLinear):
         return [data_root / self.folder / "train", data_root / self.folder / "val"]
 
     def more_probes(self, ctx: RunContext, train: ImageList, val: ImageList) -> list[Metric]:
-        """The AvgPool column: its own config, loaded with the multi-head config's profile."""
-        cfg = ctx.config
-        name = config.require(cfg, "avgpool_config", str)
-        avg_cfg = config.load(name, "benchmarks", cfg.get("_profile"), if_offered=True)
-        avg_cfg = {**avg_cfg, **{k: cfg[k] for k in ("world_size", "arch") if k in cfg}}
+        """The AvgPool column: its own config, resolved by the runner like the multi-head one."""
+        avg_cfg = ctx.configs[self.extra_configs[0]]
         result = run_probe(ctx, avg_cfg, "avgpool", train, val)
         return head_metrics(self.name, result, avg_cfg, {"feature5": "avgpool"})
 

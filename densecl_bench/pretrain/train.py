@@ -194,6 +194,9 @@ def train(
         if meta.get("global_batch") != global_batch:
             raise ConfigError(f"{latest} was trained with a global batch of {meta.get('global_batch')}, this run has "
                               f"{global_batch}; resume with the same batch size and number of processes")
+        if meta["config"].get("epochs", epochs) != epochs:
+            raise ConfigError(f"{latest} follows a {meta['config']['epochs']}-epoch schedule, this run has {epochs}; "
+                              "resume with the same --epochs (or --no-resume)")
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         checkpointing.set_rng_state(ckpt["rng"])
@@ -309,15 +312,19 @@ def pretrain(
     resume: bool = True,
     max_epochs: int | None = None,
     device: str | torch.device | None = None,
+    epochs: int | None = None,
 ) -> Path:
     """Load a pretrain config, read the ImageNet-style training set and train; returns the latest checkpoint.
 
     work_dir defaults to `work_dirs/<config name>/` (as mmcv's runner). Configs with `data.demo: true`
-    train on the embedded demo data when no data root is given.
+    train on the embedded demo data when no data root is given. epochs: the schedule's length in
+    place of the config's `epochs` (the cosine spans it); max_epochs: stop early within the schedule.
     """
     from densecl_bench.data.imagenet import imagenet
 
     cfg = config_mod.load(config_path_or_name, "pretrain")
+    if epochs is not None:
+        cfg["epochs"] = epochs
     root = resolve_data_root(data_root, bool(cfg.get("data", {}).get("demo", False)))
     cfg["data"] = dict(cfg["data"], root=str(root))
     image_list = imagenet(root, "train")
