@@ -155,7 +155,7 @@ def test_extract_command_skips_on_request_and_the_sidecar_lists_the_rows(tmp_pat
     args = ["extract", "--ckpt", "random", "--dataset", "imagenet", "--split", "val", "--data-root", str(tmp_path),
             "--layers", "feature5", "--pooling", "global", "--size", "64", "--workers", "0"]
     strict = CliRunner().invoke(main, args)
-    assert strict.exit_code != 0 and "n02/000.JPEG" in str(strict.exception)
+    assert strict.exit_code == 2 and "n02/000.JPEG" in strict.output and "--skip-bad-images" in strict.output
     lenient = CliRunner().invoke(main, [*args, "--skip-bad-images"])
     assert lenient.exit_code == 0, lenient.output
     line = next(line for line in lenient.output.splitlines() if line.startswith("feature5:"))
@@ -183,12 +183,14 @@ def test_linear_probes_under_skip_never_see_the_images_and_report_them(tmp_path)
     write_imagenet(tmp_path, splits, drop, corrupt=True)
     cfg = config.merge(config.load(ImagenetLinear.config, "benchmarks", "demo"),
                        {"image_size": 16, "epochs": 2, "lr_steps": [], "total_batch_size": 4, "batch_size_per_gpu": 4,
-                        "eval_interval": 1, "world_size": 1, "avgpool_config": "resnet50_linear-8xb32-steplr-100e_in1k"})
+                        "eval_interval": 1, "world_size": 1})
+    avg_name = ImagenetLinear.extra_configs[0]
     ckpt = LoadedCheckpoint(state_dict={}, arch="resnet18", layout="random", sha256="b" * 64, path="random")
     backbone = SpyBackbone()
     ctx = RunContext(backbone=freeze(backbone), checkpoint=ckpt, data_root=tmp_path, demo=True, device=CPU,
                      run_dir=tmp_path / "run", cache_dir=tmp_path / "cache", config=cfg, num_workers=0,
-                     on_bad_image="skip")
+                     on_bad_image="skip",
+                     configs={avg_name: {**config.load(avg_name, "benchmarks", "demo"), "world_size": 1}})
     bench = ImagenetLinear()
     metrics = bench.run(ctx)
     assert backbone.blank == 0 and backbone.seen > 0  # no placeholder reached the backbone, in training or eval

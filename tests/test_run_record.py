@@ -298,7 +298,7 @@ def test_rank0_only_benchmark_runs_once_while_extraction_stays_sharded(tmp_path)
                      size=64, batch_size=2, num_workers=0, cache_dir=tmp_path / "single", ckpt_key="x")
     merged = list((tmp_path / "home" / "cache").rglob("*.npy"))
     assert len(merged) == 1 and ".part" not in merged[0].name  # both shards merged by rank 0
-    np.testing.assert_allclose(np.load(merged[0]), single["feature5"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.load(merged[0]), single.arrays["feature5"], rtol=1e-4, atol=1e-5)
     assert [r["value"] for r in Ledger(out / "runs" / "r").records()] == [5.0]
 
 
