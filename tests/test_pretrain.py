@@ -249,8 +249,10 @@ def test_resume_after_interrupt_is_bit_identical(images, tmp_path):
     assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
 
 
-def test_metrics_record_both_loss_terms_and_their_sum(images, tmp_path):
+def test_metrics_record_both_loss_terms_and_their_sum(images, tmp_path, capsys):
     train(tiny_cfg(epochs=1), images, tmp_path)
+    lines = [line for line in capsys.readouterr().out.splitlines() if " iter " in line]
+    assert len(lines) == 3 and all("loss_single" in line and "loss_dense" in line for line in lines)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in records] == [1, 2, 3, 3]  # log_interval 1, then the epoch's record
     for r in records[:3]:
@@ -295,6 +297,21 @@ def test_checkpoint_layout_and_foundation_loader(images, tmp_path):
 def test_nan_loss_stops(images, tmp_path):
     with pytest.raises(NonFiniteLoss, match=r"loss is nan at iteration 2 \(epoch 1, lr inf\): loss_single nan, loss_dense nan"):
         train(tiny_cfg(optimizer={"lr": float("inf")}), images, tmp_path)
+
+
+def test_cli_reports_a_nan_loss_as_an_error_line(images, tmp_path):
+    from click.testing import CliRunner
+
+    from densecl_bench.cli import main
+
+    for i, path in enumerate(images.paths):
+        (tmp_path / "data" / "train" / f"n{i % 3}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "train" / f"n{i % 3}" / path.name).write_bytes(path.read_bytes())
+    cfg = tmp_path / "nan.yaml"
+    cfg.write_text(json.dumps(tiny_cfg(optimizer={"lr": float("inf")}, epochs=1)).replace("Infinity", ".inf"))
+    args = ["pretrain", str(cfg), "--data-root", str(tmp_path / "data"), "--work-dir", str(tmp_path / "work")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and "error: pretrain: the loss is nan at iteration 2" in res.output
 
 
 def test_packaged_configs_follow_protocol():
