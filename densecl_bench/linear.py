@@ -409,7 +409,7 @@ def train_probe(
                             num_workers=num_workers, pin_memory=pin, collate_fn=collate_readable)
     train_labels = torch.as_tensor(train_list.labels, dtype=torch.long, device=device)
     val_labels = torch.as_tensor(val_list.labels, dtype=torch.long, device=device)
-    train_skipped = UnreadableImages(len(train_list), device)  # the current epoch's
+    train_skipped = UnreadableImages(len(train_list), device)  # this epoch's (after a mid-epoch resume: since it)
     evaluator = engine.DatasetEvaluators([
         engine.ClassificationAccuracy((1, 5), targets=lambda batch: val_labels[batch[1].to(device)], device=device),
         UnreadableImages(len(val_list), device),
