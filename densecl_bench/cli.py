@@ -254,16 +254,18 @@ def regress(run_dir: Path, reference: Path, tolerances: Path | None, allow_missi
 def pretrain(config_file: str, data_root: Path | None, work_dir: Path | None, epochs: int | None,
              stop_after_epochs: int | None, no_resume: bool, device: str | None) -> None:
     """Pretrain a ResNet-50 with DenseCL (resumable; torchrun for several GPUs)."""
-    from densecl_bench.pretrain import PretrainInterrupted, QueueSizeError, TrainingDiverged
+    from densecl_bench.config import ConfigError
+    from densecl_bench.engine import NonFiniteLoss, TrainingInterrupted
+    from densecl_bench.pretrain import QueueSizeError
     from densecl_bench.pretrain import pretrain as run_pretrain
 
     try:
         latest = run_pretrain(config_file, data_root=data_root, work_dir=work_dir, resume=not no_resume,
                               epochs=epochs, max_epochs=stop_after_epochs, device=device)
-    except PretrainInterrupted as err:
+    except TrainingInterrupted as err:
         click.echo(str(err), err=True)
         sys.exit(err.exit_code)
-    except (QueueSizeError, TrainingDiverged) as err:
+    except (ConfigError, QueueSizeError, NonFiniteLoss) as err:
         _fail(err)
     click.echo(f"latest checkpoint: {latest}")
 

@@ -4,20 +4,18 @@ PROTOCOLS.md §4; MMSelfSup 0.x `_base_/models/resnet50_multihead.py`, `models/h
 `models/heads/cls_head.py` and the configs `resnet50_mhead_linear-8xb32-steplr-90e_in1k`,
 `resnet50_mhead_8xb32-steplr-28e_places205`, `resnet50_linear-8xb32-steplr-100e_in1k`.
 
-One training loop serves every probe. The backbone runs once per batch in eval mode under
-`torch.inference_mode` (its BN statistics never move); every head reads the same forward. The loop
-is resumable (a checkpoint of heads + optimizer + epoch + RNG every epoch, written atomically),
-DDP-ready (torchrun), and reproducible across world sizes and worker counts: the sampler forms the
-same global batches for any world size and each sample's augmentation is seeded by (seed, epoch, index).
+Every probe trains on the engine (`densecl_bench.engine`): the step runs the backbone once per batch
+in eval mode under `torch.inference_mode` (its BN statistics never move) and every head reads the
+same forward. The engine makes the run resumable (a checkpoint of heads + optimizer + position + RNG
+every epoch, written atomically), DDP-ready (torchrun), and reproducible across world sizes and
+worker counts: the sampler forms the same global batches for any world size and each sample's
+augmentation is seeded by (seed, epoch, index).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import time
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,16 +23,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from tqdm import tqdm
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from densecl_bench import dist
+from densecl_bench import dist, engine
 from densecl_bench.backbone import POOL_GRID, Backbone, freeze, parse_layers, pool_feature
 from densecl_bench.config import ConfigError, require
-from densecl_bench.data.augment import build_train, sample_seed
+from densecl_bench.data.augment import build_train
 from densecl_bench.data.base import ImageList, ImageListDataset, collate_readable
 from densecl_bench.data.transforms import build as build_eval
-from densecl_bench.paths import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +111,6 @@ class Recipe:
         if recipe.head == "avgpool" and recipe.pooling != "global":
             raise ConfigError(f"config {cfg.get('_config', '?')}: the avgpool head needs pooling 'global'")
         return recipe
-
-
-def lr_at(base_lr: float, steps: Sequence[int], gamma: float, epoch: int) -> float:
-    """Step schedule by epoch (0-based), as MMCV's StepLrUpdaterHook(by_epoch=True):
-    base_lr * gamma ** (number of steps <= epoch). A step at or past the last epoch never fires."""
-    return base_lr * gamma ** sum(1 for s in steps if epoch >= s)
 
 
 @dataclass(frozen=True)
@@ -273,38 +263,32 @@ def build_heads(recipe: Recipe, backbone: Backbone, num_classes: int, seed: int)
 
 
 class Probe:
-    """A frozen backbone and the heads trained on it; `model` is the heads, DDP-wrapped when distributed."""
+    """A frozen backbone and the heads trained on it; `model` is the heads, DDP-wrapped when distributed.
+
+    The precision (autocast) is the caller's context: the trainer's step and `inference_on_dataset`.
+    """
 
     def __init__(self, backbone: Backbone, heads: ProbeHeads, device: torch.device) -> None:
         self.backbone = freeze(backbone).to(device)
-        self.heads = heads.to(device)
         self.device = device
-        if self.fast:
+        self.channels_last = device.type == "cuda"  # the same arithmetic, a faster layout for cuDNN
+        if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
-        self.model: nn.Module = self.heads
-        if dist.is_dist():
-            ids = [device.index] if device.type == "cuda" else None
-            # BN statistics are synchronised by StatsSyncBatchNorm itself, not by broadcasting buffers
-            self.model = nn.parallel.DistributedDataParallel(self.heads, device_ids=ids, broadcast_buffers=False)
-
-    @property
-    def fast(self) -> bool:
-        """bf16 autocast and channels_last: CUDA only (CPU keeps float32 and the default layout)."""
-        return self.device.type == "cuda"
-
-    def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.fast else nullcontext()
+        # BN statistics are synchronised by StatsSyncBatchNorm itself, not by SyncBN or broadcast buffers
+        self.model = engine.ddp.prepare(heads, device, sync_bn=False, broadcast_buffers=False)
+        self.heads = heads
 
     def pooled(self, images: Tensor) -> dict[str, Tensor]:
         """One backbone pass in inference mode (no graph, BN in eval), pooled for every head."""
         images = images.to(self.device, non_blocking=True)
-        if self.fast:
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with self.autocast(), torch.inference_mode():
+        with torch.inference_mode():
             return self.heads.pool(self.backbone(images, self.heads.layers))
 
-    def loss(self, images: Tensor, labels: Tensor) -> Tensor:
-        """Sum over heads of the mean cross-entropy over this pass's images on all ranks.
+    def loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """Per head (`loss.<layer>`), the sum of its cross-entropy over this pass's images, divided by
+        the mean per-rank image count (the terms add up to the heads' summed mean loss).
 
         DDP averages the ranks' gradients, so each rank divides its sum by the mean per-rank count:
         ranks left with fewer images by skipped unreadable ones (or none: the loss is then zero, with
@@ -312,42 +296,29 @@ class Probe:
         """
         # inference tensors cannot enter autograd; the pooled maps are small, so copy them out
         pooled = {name: t.float().clone() for name, t in self.pooled(images).items()}
-        with self.autocast():
-            logits = self.model(pooled)
+        logits = self.model(pooled)
         world = dist.world_size()
         per_rank = dist.all_reduce_sum(torch.tensor(float(len(labels)), device=self.device)) / world
-        total = sum(F.cross_entropy(out.float(), labels, reduction="sum") for out in logits.values())
-        return total / per_rank.clamp_min(1 / world)  # any non-zero count is at least 1 / world
+        per_rank = per_rank.clamp_min(1 / world)  # any non-zero count is at least 1 / world
+        return {f"loss.{name}": F.cross_entropy(out.float(), labels, reduction="sum") / per_rank
+                for name, out in logits.items()}
 
 
-@torch.inference_mode()
-def evaluate(probe: Probe, loader: DataLoader, labels: Tensor, progress: bool | None = None) -> dict[str, Any]:
-    """Top-1 / top-5 accuracy (percent) per head over every rank's shard of the evaluation set.
+class UnreadableImages(engine.DatasetEvaluator):
+    """The indices of the images left out of the batches (`on_bad_image: skip`), over every rank."""
 
-    Unreadable images (`on_bad_image: skip`) are not in the count; `skipped` lists them.
-    """
-    probe.heads.eval()
-    layers = probe.heads.layers
-    correct = torch.zeros(2, len(layers), dtype=torch.float64, device=probe.device)
-    count = torch.zeros(1, dtype=torch.float64, device=probe.device)
-    skipped: list[int] = []
-    for images, index, unreadable in tqdm(loader, desc="eval", leave=False, disable=_disable(progress)):
-        skipped += unreadable.tolist()
-        y = labels[index.to(labels.device)]
-        with probe.autocast():
-            out = probe.heads(probe.pooled(images))
-        for j, name in enumerate(layers):
-            k = min(5, out[name].shape[1])
-            top = out[name].float().topk(k, dim=1).indices
-            hit = top.eq(y[:, None])
-            correct[0, j] += hit[:, 0].sum()
-            correct[1, j] += hit.any(1).sum()
-        count += len(y)
-    dist.all_reduce_sum(correct)
-    dist.all_reduce_sum(count)
-    acc = (100.0 * correct / count.clamp_min(1)).tolist()
-    return {"top1": dict(zip(layers, acc[0])), "top5": dict(zip(layers, acc[1])),
-            "skipped": _union_over_ranks(skipped, len(labels), probe.device)}
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.n, self.device = n, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.indices: list[int] = []
+
+    def process(self, inputs: tuple[Tensor, Tensor, Tensor], outputs: Any) -> None:
+        self.indices += inputs[2].tolist()
+
+    def evaluate(self) -> dict[str, Any]:
+        return {"skipped": _union_over_ranks(self.indices, self.n, self.device)}
 
 
 def _union_over_ranks(indices: list[int], n: int, device: torch.device) -> list[int]:
@@ -355,51 +326,6 @@ def _union_over_ranks(indices: list[int], n: int, device: torch.device) -> list[
     mask = torch.zeros(n, dtype=torch.int32, device=device)
     mask[indices] = 1
     return dist.all_reduce_sum(mask).nonzero().flatten().tolist()
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-
-
-class SeededDataset(Dataset):
-    """Seeds torch's RNG from (seed, epoch, index) around each item.
-
-    Each sample's augmentation then depends on nothing else: not the worker count, not the world
-    size, not whether the run was resumed.
-    """
-
-    def __init__(self, base: Dataset, seed: int) -> None:
-        self.base, self.seed, self.epoch = base, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
-            return self.base[index]
-
-
-def _loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device, sampler=None) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        drop_last=False,
-        collate_fn=collate_readable,  # unreadable images (`on_bad_image: skip`) leave the batch here
-    )
-
-
-def _disable(progress: bool | None) -> bool | None:
-    """tqdm's `disable`: only rank 0 shows bars; None = auto (hidden when not a terminal)."""
-    if not dist.is_main():
-        return True
-    return None if progress is None else not progress
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,30 +353,6 @@ class ProbeResult:
         }
 
 
-def _rng_state(device: torch.device) -> dict[str, Tensor]:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _load_resume(path: Path, key: str) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("key") != key:
-        if dist.is_main():
-            log.warning("%s belongs to another checkpoint/config/seed; starting this probe afresh", path)
-        return None
-    return state
-
-
 def train_probe(
     backbone: Backbone,
     recipe: Recipe,
@@ -459,25 +361,32 @@ def train_probe(
     ckpt_path: Path,
     *,
     device: torch.device,
-    key: str = "",
+    key: engine.ResumeKey | None = None,
     seed: int = 0,
     num_workers: int = 2,
     on_bad_image: str = "raise",
+    precision: str = engine.precision.DEFAULT,
     progress: bool | None = None,
     name: str = "probe",
 ) -> ProbeResult:
     """Train `recipe`'s heads on `train_list`, evaluate on `val_list`, resuming from `ckpt_path`.
 
-    key: identifies what the checkpoint belongs to (backbone sha256, config fingerprint, seed); a
-    checkpoint with another key is ignored and overwritten. Evaluations run every `eval_interval`
-    epochs and, with `final_eval`, at the last epoch; the result is the last evaluation.
-    on_bad_image: `raise` stops at an unreadable image with its path; `skip` drops it from its batch
-    (the loss and the heads' BN statistics are the readable images' alone) and from the evaluation
-    count, and `ProbeResult.skipped` lists it.
+    key: what the checkpoint belongs to (backbone sha256, config fingerprint, seed, world size); a
+    checkpoint with another key is ignored and overwritten. Default: a random-init key of this seed
+    and world size. Evaluations run every `eval_interval` epochs and, with `final_eval`, at the last
+    epoch; the result is the last evaluation. on_bad_image: `raise` stops at an unreadable image with
+    its path; `skip` drops it from its batch (the loss and the heads' BN statistics are the readable
+    images' alone) and from the evaluation count, and `ProbeResult.skipped` lists it.
     """
     if train_list.classes != val_list.classes:
         raise ValueError(f"{name}: train and val class lists differ ({len(train_list.classes)} vs {len(val_list.classes)})")
+    if not recipe.final_eval and not 0 < recipe.eval_interval <= recipe.epochs:
+        raise ValueError(
+            f"{name}: no evaluation would run in {recipe.epochs} epochs (eval_interval {recipe.eval_interval}, "
+            "final_eval false); set final_eval: true"
+        )
     world, rank = dist.world_size(), dist.rank()
+    key = key or engine.ResumeKey("", "", seed, world)
     plan = plan_batch(recipe, world)
     probe = Probe(backbone, build_heads(recipe, backbone, len(train_list.classes), seed), device)
     optimizer = torch.optim.SGD(
@@ -487,119 +396,62 @@ def train_probe(
         nesterov=recipe.nesterov,
         weight_decay=recipe.weight_decay,
     )
-    start, history = 0, []
-    state = _load_resume(ckpt_path, key)
-    if state is not None:
-        probe.heads.load_state_dict(state["heads"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, history = state["epoch"], state["history"]
-        _set_rng_state(state["rng"], device)
-        if dist.is_main():
-            log.info("%s: resuming from %s after epoch %d", name, ckpt_path, start)
 
-    size = recipe.image_size
-    train_set = SeededDataset(ImageListDataset(train_list, build_train(recipe.train_aug, size), on_bad_image), seed)
+    size, pin = recipe.image_size, device.type == "cuda"
+    train_set = engine.SeededDataset(ImageListDataset(train_list, build_train(recipe.train_aug, size), on_bad_image), seed)
     # shuffle with the seed and stride over ranks: global batch i is the same images for any world size
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    train_loader = _loader(train_set, plan.batch_size_per_gpu, num_workers, device, sampler)
+    # unreadable images (`on_bad_image: skip`) leave the batch in collate_readable
+    train_data = engine.EpochLoader(train_set, sampler, plan.batch_size_per_gpu, num_workers=num_workers,
+                                    pin_memory=pin, collate_fn=collate_readable)
     val_set = ImageListDataset(val_list, build_eval(recipe.test_aug, size), on_bad_image)
-    val_loader = _loader(Subset(val_set, range(rank, len(val_set), world)), plan.batch_size_per_gpu, num_workers, device)
+    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), plan.batch_size_per_gpu,
+                            num_workers=num_workers, pin_memory=pin, collate_fn=collate_readable)
     train_labels = torch.as_tensor(train_list.labels, dtype=torch.long, device=device)
     val_labels = torch.as_tensor(val_list.labels, dtype=torch.long, device=device)
+    train_skipped = UnreadableImages(len(train_list), device)  # this epoch's (after a mid-epoch resume: since it)
+    evaluator = engine.DatasetEvaluators([
+        engine.ClassificationAccuracy((1, 5), targets=lambda batch: val_labels[batch[1].to(device)], device=device),
+        UnreadableImages(len(val_list), device),
+    ])
 
-    for epoch in range(start, recipe.epochs):
-        lr = lr_at(plan.lr, recipe.lr_steps, recipe.lr_gamma, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        loss, skipped = _train_epoch(probe, optimizer, train_loader, train_labels, plan,
-                                     f"{name} {epoch + 1}/{recipe.epochs}", progress)
-        record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "loss": loss, "skipped": {train_list.name: skipped}}
-        last = epoch + 1 == recipe.epochs
-        if (epoch + 1) % recipe.eval_interval == 0 or (last and recipe.final_eval):
-            evaluation = evaluate(probe, val_loader, val_labels, progress)
-            record["skipped"][val_list.name] = evaluation.pop("skipped")
-            record.update(evaluation)
-            if dist.is_main():
-                top1 = ", ".join(f"{k} {v:.2f}" for k, v in record["top1"].items())
-                log.info("%s epoch %d: top-1 %s", name, epoch + 1, top1)
-        history.append(record)
-        if dist.is_main():
-            atomic_torch_save(ckpt_path, {
-                "key": key,
-                "epoch": epoch + 1,
-                "heads": probe.heads.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "rng": _rng_state(device),
-                "history": history,
-            })
-        dist.barrier()
+    def step(trainer: engine.Trainer, batch: tuple[Tensor, Tensor, Tensor]) -> dict[str, Tensor]:
+        images, index, _ = batch
+        if trainer.inner_iter == 0:
+            train_skipped.reset()
+        train_skipped.process(batch, None)
+        return probe.loss(images, train_labels[index.to(device)])
 
-    evals = [r for r in history if "top1" in r]
-    if not evals:
-        raise ValueError(
-            f"{name}: no evaluation ran in {recipe.epochs} epochs (eval_interval {recipe.eval_interval}, "
-            "final_eval false); set final_eval: true"
+    def evaluate() -> dict[str, Any]:
+        results = engine.inference_on_dataset(
+            probe.heads, val_loader, evaluator, forward=lambda heads, batch: heads(probe.pooled(batch[0])),
+            precision=precision, device=device, progress=progress, desc=f"{name} eval",
         )
-    final = evals[-1]
+        results["skipped"] = {train_list.name: train_skipped.evaluate()["skipped"], val_list.name: results["skipped"]}
+        if dist.is_main():
+            log.info("%s: top-1 %s", name, ", ".join(f"{k} {v:.2f}" for k, v in results["top1"].items()))
+        return results
+
+    evaluation = engine.EvalHook(recipe.eval_interval, evaluate, final=recipe.final_eval)
+    metrics = engine.MetricLogger(ckpt_path.with_suffix(".metrics.jsonl"), images_per_iter=plan.batch_size_per_gpu,
+                                  progress=progress)
+    schedule = engine.LRSchedule("step", total=recipe.epochs, steps=recipe.lr_steps, gamma=recipe.lr_gamma)
+    trainer = engine.Trainer(
+        probe.model, optimizer, train_data, step, max_iters=recipe.epochs * len(train_data),
+        hooks=[engine.LRSchedulerHook(engine.LRScheduler(optimizer, schedule)), evaluation, metrics,
+               engine.PeriodicCheckpointer(0)],
+        checkpointer=engine.Checkpointer(ckpt_path.parent, key, latest=ckpt_path.name),
+        accumulate=plan.accumulate_steps, precision=precision, device=device, name=name,
+    )
+    trainer.train()
+
+    final = evaluation.history[-1]
     return ProbeResult(
         top1=final["top1"],
         top5=final["top5"],
         evaluated_epoch=final["epoch"],
         plan=plan,
-        history=history,
-        resumed_from_epoch=start,
-        skipped={name: rows for name, rows in final.get("skipped", {}).items() if rows},
+        history=metrics.history,
+        resumed_from_epoch=trainer.start_iter // trainer.iters_per_epoch,
+        skipped={name: rows for name, rows in final["skipped"].items() if rows},
     )
-
-
-def _train_epoch(
-    probe: Probe,
-    optimizer: torch.optim.Optimizer,
-    loader: DataLoader,
-    labels: Tensor,
-    plan: BatchPlan,
-    desc: str,
-    progress: bool | None,
-    check_every: int = 10,
-) -> tuple[float, list[int]]:
-    """One epoch; returns the mean loss and the unreadable images left out (all ranks). Steps every
-    `plan.accumulate_steps` passes (and at the end).
-
-    The loss is checked for NaN/inf every `check_every` passes, reduced over ranks so that all stop together.
-    """
-    probe.heads.train()
-    optimizer.zero_grad(set_to_none=True)
-    n = len(loader)
-    acc = plan.accumulate_steps
-    seen_loss = torch.zeros(2, dtype=torch.float64, device=probe.device)  # loss sum, passes
-    images_seen, t0 = 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, disable=_disable(progress))
-    skipped: list[int] = []
-    for i, (images, index, unreadable) in enumerate(bar):
-        skipped += unreadable.tolist()
-        group_start = i - i % acc
-        group = min(acc, n - group_start)  # the last group may be short
-        stepping = i == group_start + group - 1
-        sync = nullcontext() if stepping or not isinstance(probe.model, nn.parallel.DistributedDataParallel) else probe.model.no_sync()
-        with sync:
-            loss = probe.loss(images, labels[index.to(labels.device)])
-            (loss / group).backward()
-        if stepping:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        seen_loss += torch.stack([loss.detach().double(), loss.new_tensor(1.0, dtype=torch.float64)])
-        images_seen += images.shape[0]
-        if (i + 1) % check_every == 0 or i + 1 == n:
-            total = dist.all_reduce_sum(seen_loss.clone())
-            mean = (total[0] / total[1]).item()
-            if not math.isfinite(mean):
-                raise FloatingPointError(
-                    f"{desc}: the loss became {mean} by iteration {i + 1}/{n} (lr {optimizer.param_groups[0]['lr']:g}); "
-                    "the heads diverged. Lower the lr, or check the checkpoint (NaN/inf features mean a broken backbone)."
-                )
-            rate = images_seen * dist.world_size() / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{rate:.1f}")
-    total = dist.all_reduce_sum(seen_loss.clone())
-    return (total[0] / total[1].clamp_min(1)).item(), _union_over_ranks(skipped, len(labels), probe.device)

@@ -3,10 +3,11 @@
 One step of the multi-head probe (backbone pass in inference mode, five pooled heads with BN and
 Linear(., 1000), summed CE, backward, Nesterov SGD update) should cost little beyond the forward:
 target >= 85% of the backbone's inference throughput (issue 4). Both sides go through
-`densecl_bench.linear.Probe`, so the CUDA path uses the loop's bf16 autocast and channels_last.
-Inputs are random tensors: this times compute, not data loading.
+`densecl_bench.linear.Probe` (channels_last on CUDA) under the `--precision` the probe would run in
+(fp32 by default, as the published numbers). Inputs are random tensors: this times compute, not data loading.
 
     python perf/linear_step.py [--batch-size 32] [--size 224] [--steps 5] [--classes 1000] [--head multi]
+                               [--precision fp32|bf16]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 import torch
 
 from densecl_bench import config
+from densecl_bench.engine.precision import PRECISIONS, autocast
 from densecl_bench.backbone import Backbone
 from densecl_bench.linear import Probe, Recipe, build_heads
 
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--head", choices=("multi", "avgpool"), default="multi")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     args = parser.parse_args()
     device = torch.device(args.device)
     name = "resnet50_mhead_linear-8xb32-steplr-90e_in1k" if args.head == "multi" else "resnet50_linear-8xb32-steplr-100e_in1k"
@@ -63,15 +66,17 @@ def main() -> None:
     images = torch.randn(args.batch_size, 3, args.size, args.size)
     labels = torch.randint(0, args.classes, (args.batch_size,), device=device)
     x = images.to(device)
-    if probe.fast:
+    if probe.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
 
     def forward_only() -> None:
-        with probe.autocast(), torch.inference_mode():
+        with autocast(args.precision, device), torch.inference_mode():
             probe.backbone(x)
 
     def train_step() -> None:
-        probe.loss(images, labels).backward()
+        with autocast(args.precision, device):
+            loss = sum(probe.loss(images, labels).values())
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -79,7 +84,7 @@ def main() -> None:
     fwd, step = _interleaved_rates([forward_only, train_step], args.steps, args.batch_size, device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"device: {where}; torch {torch.__version__}; head {args.head}; batch {args.batch_size}; "
+    print(f"device: {where}; torch {torch.__version__}; head {args.head}; {args.precision}; batch {args.batch_size}; "
           f"{args.size} px; {args.classes} classes; {args.steps} timed steps")
     print(f"backbone inference forward: {fwd:8.1f} img/s")
     print(f"probe training step:        {step:8.1f} img/s")

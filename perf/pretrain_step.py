@@ -1,13 +1,14 @@
 """Throughput of one DenseCL training step, against MoCo v2 and across GPU precision settings.
 
-Times `densecl_bench.pretrain.train.train_step` (both encoders, momentum update, queues, loss,
-backward, SGD step) on random images:
+Times one iteration of the engine's `Trainer` with the pretraining step of
+`densecl_bench.pretrain.train.build_step` (both encoders, momentum update, queues, loss, the
+loss check, backward, SGD step) on one batch of random images, served without a data loader:
 
 1. DenseCL vs plain MoCo v2 on the same code path (`dense=False`: no dense neck branch, no
    correspondence, no dense loss or queue 2). The two are timed in alternating steps so that
    load from other processes hits both alike; the median step time is reported.
-2. CUDA only: the same step in fp32/NCHW (PyTorch defaults, foreach SGD) vs the tuned path the
-   trainer uses on GPU (bf16 autocast, channels_last, fused SGD, cudnn.benchmark, TF32 logits),
+2. CUDA only: the same step in fp32/NCHW (PyTorch defaults, foreach SGD) vs the tuned path
+   (`precision: bf16` autocast, channels_last, fused SGD, cudnn.benchmark, TF32 logits),
    optionally with torch.compile of the backbones.
 
     python perf/pretrain_step.py --threads 1 --batch 2 --size 224 --queue 65536 --steps 3   # CPU, brief
@@ -17,19 +18,35 @@ backward, SGD step) on random images:
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import statistics
 import time
 
 import torch
 
+from densecl_bench.engine import Trainer
 from densecl_bench.pretrain.model import DenseCL
-from densecl_bench.pretrain.train import build_optimizer, train_step
+from densecl_bench.pretrain.train import build_optimizer, build_step
 
 OPT_CFG = {"_config": "perf", "optimizer": {"momentum": 0.9, "weight_decay": 1e-4}}
 
 
-def make(args: argparse.Namespace, device: torch.device, v: dict) -> tuple[DenseCL, torch.optim.SGD]:
+class OneBatch:
+    """Training data that serves the same batch `n` times per epoch (the step's time without loading)."""
+
+    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor], n: int) -> None:
+        self.batch, self.n = batch, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def epoch(self, epoch: int, start: int = 0):
+        return itertools.repeat(self.batch, self.n - start)
+
+
+def make(args: argparse.Namespace, device: torch.device, v: dict) -> Trainer:
+    """A trainer for variant `v` that runs one iteration per `train(until=iter + 1)` call."""
     torch.manual_seed(0)
     model = DenseCL(args.arch, queue_len=args.queue).to(device)
     if v["tuned"]:
@@ -37,7 +54,11 @@ def make(args: argparse.Namespace, device: torch.device, v: dict) -> tuple[Dense
     if v.get("compile"):
         model.encoder_q[0].compile()
         model.encoder_k[0].compile()
-    return model, build_optimizer(OPT_CFG, model, 0.03, fused=v["tuned"] and device.type == "cuda")
+    optimizer = build_optimizer(OPT_CFG, model, 0.03, fused=v["tuned"] and device.type == "cuda")
+    steps = args.warmup + args.steps
+    step = build_step(model, device, channels_last=v["tuned"], warmup_iters=0, dense=v["dense"])
+    return Trainer(model, optimizer, OneBatch(images(args, device, v["tuned"]), steps), step, max_iters=steps,
+                   precision="bf16" if v["bf16"] else "fp32", device=device)
 
 
 def images(args: argparse.Namespace, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,14 +82,11 @@ def timed(fn, device: torch.device) -> tuple[float, float]:
 
 def compare(args: argparse.Namespace, device: torch.device, variants: dict[str, dict]) -> dict[str, tuple[float, float]]:
     """Median (step seconds, wall seconds) of each variant, steps interleaved round-robin after `warmup` each."""
-    built = {}
-    for name, v in variants.items():
-        model, opt = make(args, device, v)
-        built[name] = (model, opt, images(args, device, v["tuned"]), v)
+    built = {name: make(args, device, v) for name, v in variants.items()}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     for i in range(args.warmup + args.steps):
-        for name, (model, opt, (im_q, im_k), v) in built.items():
-            dt = timed(lambda: train_step(model, opt, im_q, im_k, bf16=v["bf16"], dense=v["dense"]), device)
+        for name, trainer in built.items():
+            dt = timed(lambda: trainer.train(until=trainer.iter + 1), device)
             if i >= args.warmup:
                 times[name].append(dt)
     return {name: (statistics.median(t for t, _ in ts), statistics.median(w for _, w in ts)) for name, ts in times.items()}

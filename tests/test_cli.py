@@ -76,7 +76,7 @@ def test_pretrain_epochs_sets_the_cosine_schedule_length(tmp_path):
         Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
     cfg = {"seed": 0, "model": {"arch": "resnet18", "queue_len": 16, "feat_dim": 8, "momentum": 0.9,
                                 "temperature": 0.2, "loss_lambda": 0.5, "loss_lambda_warmup_iters": 0},
-           "data": {"image_size": 32, "batch_size_per_gpu": 4, "num_workers": 0},
+           "data": {"image_size": 32, "batch_size_per_gpu": 4, "num_workers": 0, "on_bad_image": "raise"},
            "optimizer": {"lr": 0.05, "lr_reference_batch": 4, "momentum": 0.9, "weight_decay": 1e-4},
            "lr_schedule": "cosine", "epochs": 200, "checkpoint_interval": 10, "keep_checkpoints": 1,
            "log_interval": 1, "precision": "fp32", "channels_last": False, "compile": False}

@@ -67,19 +67,19 @@ def test_poly_by_iteration_with_warmup():
     assert s.lr(0.01, 0, 100) == pytest.approx(0.0099 * 0.995**0.9 + 1e-4)
 
 
-def test_same_bits_as_the_loops_it_replaces():
-    """The ported loops must keep their numbers: pretraining's cosine and the probes' step LR, bit for bit."""
-    from densecl_bench.linear import lr_at
-    from densecl_bench.pretrain.model import cosine_lr
-
+def test_cosine_and_step_keep_the_replaced_loops_bits():
+    """Pretraining's cosine (by epoch and by iteration) and the probes' step LR, bit for bit as the
+    loops computed them before the port: base * 0.5 * (1 + cos(pi * t / T)) and base * 0.1 ** steps passed."""
     by_epoch = LRSchedule("cosine", total=200)
     by_iter = LRSchedule("cosine", total=200 * 37, by_epoch=False)
     for e in range(200):
-        assert by_epoch.lr(0.03, e, e * 37) == cosine_lr(0.03, e / 200)
-        assert by_iter.lr(0.03, e, e * 37 + 5) == cosine_lr(0.03, (e * 37 + 5) / (200 * 37))
+        assert by_epoch.lr(0.03, e, e * 37) == 0.03 * 0.5 * (1.0 + math.cos(math.pi * (e / 200)))
+        t = (e * 37 + 5) / (200 * 37)
+        assert by_iter.lr(0.03, e, e * 37 + 5) == 0.03 * 0.5 * (1.0 + math.cos(math.pi * t))
+    assert by_epoch.lr(0.03, 100, 0) == 0.015 and by_epoch.lr(0.03, 0, 0) == 0.03
     step = LRSchedule("step", total=90, steps=(30, 60, 90))
     for e in range(90):
-        assert step.lr(0.01, e, e * 10) == lr_at(0.01, (30, 60, 90), 0.1, e)
+        assert step.lr(0.01, e, e * 10) == 0.01 * 0.1 ** (0 if e < 30 else 1 if e < 60 else 2)
 
 
 def test_bad_schedules_are_config_errors():

@@ -6,6 +6,7 @@ Tiny inputs: a ResNet-18 backbone (feature5 = 512 channels, the neck follows it)
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import subprocess
@@ -19,17 +20,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from densecl_bench import config
+from densecl_bench.config import ConfigError
 from densecl_bench.data.base import ImageList
-from densecl_bench.pretrain import (
-    DenseCL,
-    PretrainInterrupted,
-    QueueSizeError,
-    TrainingDiverged,
-    dense_correspondence,
-    train,
-)
+from densecl_bench.engine import HookBase, NonFiniteLoss, TrainingInterrupted
+from densecl_bench.pretrain import DenseCL, QueueSizeError, dense_correspondence, train
 from densecl_bench.pretrain.augment import EpochSampler, GaussianBlur, TwoViewDataset, mocov2
-from densecl_bench.pretrain.checkpointing import load as load_ckpt
 
 torch.set_num_threads(1)
 HERE = Path(__file__).parent
@@ -42,6 +37,10 @@ def tiny_model(**kw) -> DenseCL:
     return DenseCL(**args)
 
 
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def tiny_cfg(**over) -> dict:
     cfg = {
         "_config": "tiny", "seed": 0,
@@ -50,7 +49,7 @@ def tiny_cfg(**over) -> dict:
         "data": {"image_size": 64, "batch_size_per_gpu": 4, "num_workers": 0, "on_bad_image": "raise"},
         "optimizer": {"lr": 0.05, "lr_reference_batch": 4, "momentum": 0.9, "weight_decay": 1e-4},
         "lr_schedule": "cosine", "epochs": 2, "checkpoint_interval": 1, "keep_checkpoints": 5, "log_interval": 1,
-        "precision": "bf16", "channels_last": True, "compile": False,
+        "precision": "fp32", "channels_last": True, "compile": False,
     }
     return config.merge(cfg, over)
 
@@ -202,11 +201,13 @@ def test_mocov2_augmentation_and_sampler(images):
     b1, b2 = ds[(3, 0)]
     assert torch.equal(a1, b1) and torch.equal(a2, b2) and not torch.equal(a1, a2)
     assert not torch.equal(ds[(3, 1)][0], a1)  # another epoch, other views
-    # two ranks split one permutation into disjoint halves of whole global batches; skip resumes
-    r0 = list(EpochSampler(11, 2, epoch=1, rank=0, world_size=2))
-    r1 = list(EpochSampler(11, 2, epoch=1, rank=1, world_size=2))
+    # two ranks split one permutation into disjoint halves of whole global batches; the order is the epoch's
+    r0, r1 = (EpochSampler(11, 2, rank=r, world_size=2) for r in (0, 1))
+    r0.set_epoch(1)
+    r1.set_epoch(1)
     assert len(r0) == len(r1) == 4 and not {i for i, _ in r0} & {i for i, _ in r1}
-    assert list(EpochSampler(11, 2, epoch=1, rank=0, world_size=2, skip=2)) == r0[2:]
+    perm = torch.randperm(11, generator=torch.Generator().manual_seed(0 + 1)).tolist()  # seed + epoch
+    assert list(r0) == [(i, 1) for i in perm[0:8:2]] and list(r1) == [(i, 1) for i in perm[1:8:2]]
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -228,12 +229,13 @@ def test_resume_after_interrupt_is_bit_identical(images, tmp_path):
     cfg = tiny_cfg()
     full = train(cfg, images, tmp_path / "full")  # 2 epochs x 3 iterations
 
-    def interrupt(it: int, losses: dict) -> None:
-        if it == 4:  # mid epoch 2
-            os.kill(os.getpid(), signal.SIGTERM)
+    class Interrupt(HookBase):
+        def after_step(self) -> None:
+            if self.trainer.iter == 4:  # mid epoch 2
+                os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.raises(PretrainInterrupted) as err:
-        train(cfg, images, tmp_path / "cut", on_iter=interrupt)
+    with pytest.raises(TrainingInterrupted) as err:
+        train(cfg, images, tmp_path / "cut", hooks=[Interrupt()])
     assert err.value.exit_code == 128 + signal.SIGTERM
     cut = load_ckpt(tmp_path / "cut" / "latest.pth")
     assert (cut["meta"]["epoch"], cut["meta"]["iter"], cut["meta"]["iter_in_epoch"]) == (1, 4, 1)
@@ -244,6 +246,31 @@ def test_resume_after_interrupt_is_bit_identical(images, tmp_path):
     _assert_same(a["optimizer"], b["optimizer"])
     _assert_same(a["rng"], b["rng"])
     assert sorted(p.name for p in (tmp_path / "full").glob("*.pth")) == ["epoch_1.pth", "epoch_2.pth", "latest.pth"]
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "full" / "metrics.jsonl").read_text()
+
+
+def test_metrics_record_both_loss_terms_and_their_sum(images, tmp_path, capsys):
+    train(tiny_cfg(epochs=1), images, tmp_path)
+    lines = [line for line in capsys.readouterr().out.splitlines() if " iter " in line]
+    assert len(lines) == 3 and all("loss_single" in line and "loss_dense" in line for line in lines)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records] == [1, 2, 3, 3]  # log_interval 1, then the epoch's record
+    for r in records[:3]:
+        assert r["loss"] == pytest.approx(r["loss_single"] + r["loss_dense"], rel=1e-6)
+    epoch = records[3]
+    assert epoch["epoch"] == 1 and epoch["lr"] == 0.05  # cosine by epoch: epoch 0 runs at the base LR
+    assert epoch["loss_dense"] == pytest.approx(sum(r["loss_dense"] for r in records[:3]) / 3, rel=1e-12)
+
+
+def test_resume_needs_the_same_global_batch_and_no_resume_starts_afresh(images, tmp_path):
+    train(tiny_cfg(epochs=2), images, tmp_path, max_epochs=1)
+    with pytest.raises(ConfigError, match="global batch of 4, this run has 6"):
+        train(tiny_cfg(epochs=2, data={"batch_size_per_gpu": 6}, model={"queue_len": 18}), images, tmp_path)
+    first = load_ckpt(tmp_path / "epoch_1.pth")["state_dict"]
+    train(tiny_cfg(epochs=2), images, tmp_path, resume=False, max_epochs=1)
+    again = load_ckpt(tmp_path / "latest.pth")
+    assert again["meta"]["iter"] == 3  # the first epoch again, not the second
+    _assert_same(first, again["state_dict"])
 
 
 def test_checkpoint_layout_and_foundation_loader(images, tmp_path):
@@ -268,8 +295,23 @@ def test_checkpoint_layout_and_foundation_loader(images, tmp_path):
 
 
 def test_nan_loss_stops(images, tmp_path):
-    with pytest.raises(TrainingDiverged, match="loss is nan"):
+    with pytest.raises(NonFiniteLoss, match=r"loss is nan at iteration 2 \(epoch 1, lr inf\): loss_single nan, loss_dense nan"):
         train(tiny_cfg(optimizer={"lr": float("inf")}), images, tmp_path)
+
+
+def test_cli_reports_a_nan_loss_as_an_error_line(images, tmp_path):
+    from click.testing import CliRunner
+
+    from densecl_bench.cli import main
+
+    for i, path in enumerate(images.paths):
+        (tmp_path / "data" / "train" / f"n{i % 3}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "train" / f"n{i % 3}" / path.name).write_bytes(path.read_bytes())
+    cfg = tmp_path / "nan.yaml"
+    cfg.write_text(json.dumps(tiny_cfg(optimizer={"lr": float("inf")}, epochs=1)).replace("Infinity", ".inf"))
+    args = ["pretrain", str(cfg), "--data-root", str(tmp_path / "data"), "--work-dir", str(tmp_path / "work")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and "error: pretrain: the loss is nan at iteration 2" in res.output
 
 
 def test_packaged_configs_follow_protocol():
@@ -281,6 +323,7 @@ def test_packaged_configs_follow_protocol():
     assert (cfg["lr_schedule"], cfg["epochs"], cfg["checkpoint_interval"]) == ("cosine", 200, 10)
     demo = config.load("densecl_demo", "pretrain")
     assert demo["model"]["queue_len"] % demo["data"]["batch_size_per_gpu"] == 0 and demo["data"]["demo"]
+    assert demo["precision"] == "fp32"  # bf16 would apply on CPU too and change the demo numbers
 
 
 def test_two_process_gloo_run(images, tmp_path):

@@ -13,21 +13,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from densecl_bench import config
+from densecl_bench import config, dist
 from densecl_bench.benchmarks.base import Benchmark, Metric, RunContext
 from densecl_bench.data.base import ImageList
 from densecl_bench.data.imagenet import imagenet
 from densecl_bench.data.layout import PLACES_IMAGES
 from densecl_bench.data.places import places205
+from densecl_bench.engine import ResumeKey
 from densecl_bench.linear import ProbeResult, Recipe, train_probe
 
 
 def run_probe(ctx: RunContext, cfg: dict[str, Any], probe: str, train: ImageList, val: ImageList) -> ProbeResult:
     """Train one probe of `cfg` on the context's backbone; its checkpoint is `<run_dir>/<probe>_last.pth`.
 
-    The resume key ties the checkpoint to the backbone's sha256, the config (world size left out: the
-    global batches do not depend on it), the seed and the bad-image policy. Images the probe skipped go to
-    `ctx.skipped_images`.
+    The resume key ties the checkpoint to the backbone's sha256, the config with the bad-image policy,
+    the seed and the world size. Images the probe skipped go to `ctx.skipped_images`.
     """
     keyed = {k: v for k, v in cfg.items() if k != "world_size"}
     result = train_probe(
@@ -37,7 +37,8 @@ def run_probe(ctx: RunContext, cfg: dict[str, Any], probe: str, train: ImageList
         val,
         ctx.run_dir / f"{probe}_last.pth",
         device=ctx.device,
-        key=f"{ctx.checkpoint.sha256}:{config.fingerprint(keyed)}:seed{ctx.seed}:{ctx.on_bad_image}",
+        key=ResumeKey(ctx.checkpoint.sha256, config.fingerprint({**keyed, "on_bad_image": ctx.on_bad_image}),
+                      ctx.seed, dist.world_size()),
         seed=ctx.seed,
         num_workers=ctx.num_workers,
         on_bad_image=ctx.on_bad_image,

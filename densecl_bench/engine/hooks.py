@@ -126,13 +126,14 @@ class MetricLogger(HookBase):
     each epoch's end a record with the epoch's mean losses over all ranks and any evaluation results
     is appended and kept in `history`. Evaluations between epochs get a record of their own. On a
     resumed run the file is cut back to the resumed iteration first. Without a terminal, the bar
-    gives way to a log line every `period` iterations. images_per_iter (one process's batch) adds img/s.
+    gives way to a log line every `period` iterations. images_per_iter (one process's batch) adds img/s;
+    terms shows each loss term beside the total (a few terms, such as a global and a dense loss).
     """
 
     def __init__(self, path: str | Path | None = None, period: int = 20, images_per_iter: int | None = None,
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, terms: bool = False) -> None:
         self.path = None if path is None else Path(path)
-        self.period, self.images_per_iter, self.progress = period, images_per_iter, progress
+        self.period, self.images_per_iter, self.progress, self.terms = period, images_per_iter, progress, terms
         self.history: list[dict[str, Any]] = []
         self._sums: dict[str, float] = {}
         self._count = 0
@@ -184,7 +185,9 @@ class MetricLogger(HookBase):
         dt, self._tick = now - self._tick, now
         self._step_time = dt if self._step_time == 0.0 else 0.9 * self._step_time + 0.1 * dt
         lr = t.optimizer.param_groups[0]["lr"]
-        status = {"loss": f"{t.losses['loss']:.4f}", "lr": f"{lr:.4g}"}
+        shown = t.losses if self.terms else {"loss": t.losses["loss"]}
+        status = {k: f"{v:.4f}" for k, v in shown.items()}
+        status["lr"] = f"{lr:.4g}"
         if self.images_per_iter:
             status["img_s"] = f"{self.images_per_iter * dist.world_size() / self._step_time:.1f}"
         else:

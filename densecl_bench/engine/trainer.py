@@ -155,10 +155,11 @@ class Trainer:
         """Iterations completed in the current epoch."""
         return self.iter - self.epoch * self.iters_per_epoch
 
-    def train(self, until: int | None = None) -> None:
+    def train(self, until: int | None = None, resume: bool = True) -> None:
         """Resume if the checkpointer allows, then train to `max_iters` (or stop after `until` iterations;
-        the schedules still span max_iters, so a later call continues the same run)."""
-        if self.checkpointer is not None:
+        the schedules still span max_iters, so a later call continues the same run). resume=False starts
+        afresh even from a resumable checkpoint (the checkpointer then overwrites it)."""
+        if self.checkpointer is not None and resume:
             try:
                 self.checkpointer.load(self)
             except Exception as e:  # noqa: BLE001 - a rank that cannot read it fails every rank below

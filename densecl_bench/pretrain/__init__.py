@@ -4,14 +4,12 @@ PROTOCOLS.md §1 (MMSelfSup 0.x `densecl_resnet50_8xb32-coslr-200e_in1k`, WXinlo
 """
 
 from densecl_bench.pretrain.model import DenseCL, DenseCLNeck, QueueSizeError, dense_correspondence
-from densecl_bench.pretrain.train import PretrainInterrupted, TrainingDiverged, pretrain, train
+from densecl_bench.pretrain.train import pretrain, train
 
 __all__ = [
     "DenseCL",
     "DenseCLNeck",
-    "PretrainInterrupted",
     "QueueSizeError",
-    "TrainingDiverged",
     "dense_correspondence",
     "pretrain",
     "train",

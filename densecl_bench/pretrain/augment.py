@@ -100,20 +100,22 @@ class TwoViewDataset(torch.utils.data.Dataset):
 
 class EpochSampler(torch.utils.data.Sampler):
     """This rank's (index, epoch) pairs for one epoch: a seeded permutation, cut to whole global
-    batches (drop_last, as the reference), dealt round-robin to the ranks (like DistributedSampler),
-    starting after `skip` of this rank's samples (a resumed mid-epoch run)."""
+    batches (drop_last, as the reference), dealt round-robin to the ranks (like DistributedSampler).
+    The order is a function of (seed, epoch) alone, so `engine.EpochLoader` can resume mid-epoch."""
 
-    def __init__(self, n: int, batch_size: int, epoch: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, skip: int = 0) -> None:
-        self.n, self.batch_size, self.epoch, self.seed = n, batch_size, epoch, seed
-        self.rank, self.world_size, self.skip = rank, world_size, skip
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, 0
+        self.rank, self.world_size = rank, world_size
         self.per_rank = (n // (batch_size * world_size)) * batch_size
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __len__(self) -> int:
-        return max(self.per_rank - self.skip, 0)
+        return self.per_rank
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         perm = torch.randperm(self.n, generator=g)[: self.per_rank * self.world_size]
-        mine = perm[self.rank :: self.world_size][self.skip :]
+        mine = perm[self.rank :: self.world_size]
         return iter([(int(i), self.epoch) for i in mine])

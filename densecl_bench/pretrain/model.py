@@ -20,7 +20,6 @@ query's. In a single process there is nothing to shuffle across: BN sees the who
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.distributed as torch_dist
@@ -221,8 +220,3 @@ def lambda_at(iteration: int, loss_lambda: float, warmup_iters: int) -> float:
     """The optional λ warm-up (DCL `DenseCLWarmupHook`, off in every reference config): λ = 0 for
     the first `warmup_iters` iterations, the configured λ afterwards."""
     return 0.0 if iteration < warmup_iters else loss_lambda
-
-
-def cosine_lr(base_lr: float, progress: float) -> float:
-    """mmcv CosineAnnealing with min_lr 0: base * (1 + cos(pi * progress)) / 2."""
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
