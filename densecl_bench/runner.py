@@ -156,7 +156,8 @@ def stage_precision(configs: dict[str, dict[str, Any]]) -> str:
 
 
 def batch_mismatch(configs: dict[str, dict[str, Any]], world_size: int) -> dict[str, dict[str, int]]:
-    """The configs whose protocol batch (`total_batch_size`) this world size misses with `batch_size_per_gpu`.
+    """The configs (by `_config` name) whose protocol batch (`total_batch_size`) this world size misses
+    with `batch_size_per_gpu`.
 
     Gradient accumulation stands in only where no statistic is taken over the batch (`batch_policy:
     accumulate` with `batch_statistics: false`); BN over one process's pass is not BN over the
@@ -169,7 +170,8 @@ def batch_mismatch(configs: dict[str, dict[str, Any]], world_size: int) -> dict[
             continue
         if cfg.get("batch_policy") == "accumulate" and cfg.get("batch_statistics") is False:
             continue
-        out[name] = {"total_batch_size": total, "world_size": world_size, "batch_size_per_gpu": per_gpu}
+        out[cfg.get("_config", name)] = {"total_batch_size": total, "world_size": world_size,
+                                         "batch_size_per_gpu": per_gpu}
     return out
 
 
