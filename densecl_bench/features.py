@@ -147,11 +147,12 @@ def extract(
 
     A second call with the same arguments reads the cache and runs no forward pass. on_bad_image:
     `raise` stops at the first unreadable image with its path; `skip` leaves it out (`Features.skipped`).
-    precision: `fp32` (plain forward) or `bf16` (autocast); the pooling is always float32.
+    precision: `fp32` (plain forward, no TF32) or `bf16` (autocast); the pooling is always float32.
     """
     device = torch.device(device)
     check_bad_image_policy(on_bad_image)
-    precision_mod.check(precision)
+    if precision_mod.check(precision) == "fp32":
+        precision_mod.ieee_fp32()
     files = {layer: cache_file(cache_dir, ckpt_key, image_list, layer, pooling, transform, size,
                                on_bad_image=on_bad_image, precision=precision) for layer in layers}
     # a file without its sidecar (a crash between the two renames) is redone: its skipped rows are unknown

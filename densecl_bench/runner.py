@@ -328,6 +328,7 @@ def run_suite(
         raise UserError(f"trials must be >= 1 and workers >= 0 (got {trials} and {num_workers})")
     if precision is not None:
         precision_mod.check(precision)
+    precision_mod.ieee_fp32()  # fp32 is IEEE fp32 on every GPU (bf16 autocast is unaffected)
     dist.init_from_env()
     if not dist.is_main():
         echo = _silent  # one voice under torchrun

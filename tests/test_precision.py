@@ -96,7 +96,9 @@ def test_extraction_runs_under_the_named_precision_and_caches_it_apart(tmp_path)
     backbone = freeze(Backbone("resnet18"))
     kwargs = dict(transform="voc_svm", layers=["feature5"], pooling="adaptive", size=64, batch_size=4,
                   num_workers=0, cache_dir=tmp_path / "cache", ckpt_key="k")
+    torch.backends.cudnn.allow_tf32 = True  # torch's default
     fp32, bf16 = extract(backbone, toy, **kwargs), extract(backbone, toy, precision="bf16", **kwargs)
+    assert not torch.backends.cudnn.allow_tf32  # fp32 is IEEE fp32 on GPUs too, not TF32
     assert fp32.files["feature5"] != bf16.files["feature5"]
     tf = transforms.voc_svm(64)
     x = torch.stack([tf(Image.open(p).convert("RGB")) for p in toy.paths])
