@@ -21,9 +21,9 @@ from torch import nn
 from densecl_bench import dist
 from densecl_bench.backbone import Backbone
 from densecl_bench.checkpoint import LoadedCheckpoint, build_trainable
+from densecl_bench.data.base import ImageList
 from densecl_bench.engine import ddp
 from densecl_bench.engine import precision as precision_mod
-from densecl_bench.data.base import ImageList
 from densecl_bench.results import Metric
 
 __all__ = ["Benchmark", "Metric", "RunContext"]
