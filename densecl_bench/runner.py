@@ -390,6 +390,7 @@ def extract_dataset(
 
     Without a data root, the demo datasets are used at the demo size (96 px, adaptive pooling). Under
     `on_bad_image: skip` the rows of unreadable images are zero and listed in each file's `.json` sidecar.
+    precision: `fp32` or `bf16` autocast, cached apart.
     """
     from densecl_bench.data import imagenet as imagenet_reader
     from densecl_bench.data import places as places_reader
