@@ -17,14 +17,16 @@ import pickle
 import re
 import zipfile
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from densecl_bench.backbone import ARCHS, Backbone, random_state_dict
 from densecl_bench.errors import UserError
@@ -372,9 +374,8 @@ def _meta(top: dict[str, Any]) -> dict:
     return meta
 
 
-def build_backbone(ckpt: LoadedCheckpoint) -> Backbone:
-    """A `Backbone` holding the checkpoint's tensors; only `ckpt.missing_keys` may stay random."""
-    model = Backbone(ckpt.arch)
+def _load_into(model: nn.Module, ckpt: LoadedCheckpoint) -> None:
+    """Load the checkpoint's tensors into `model`: every tensor must fit, only `ckpt.missing_keys` stay random."""
     result = model.load_state_dict(ckpt.state_dict, strict=False)
     missing = {k for k in result.missing_keys if not k.endswith(_NBT)}
     if result.unexpected_keys or missing != set(ckpt.missing_keys):
@@ -382,7 +383,57 @@ def build_backbone(ckpt: LoadedCheckpoint) -> Backbone:
             f"{ckpt.path}: state dict does not fit {ckpt.arch}: missing {_summarise(sorted(missing))}, "
             f"unexpected {_summarise(result.unexpected_keys)} [layout: {ckpt.layout}]"
         )
+
+
+def build_backbone(ckpt: LoadedCheckpoint) -> Backbone:
+    """A `Backbone` holding the checkpoint's tensors; only `ckpt.missing_keys` may stay random."""
+    model = Backbone(ckpt.arch)
+    _load_into(model, ckpt)
     return model
+
+
+def frozen_batchnorm(module: nn.Module) -> nn.Module:
+    """`module` with every BatchNorm2d replaced by a FrozenBatchNorm2d of its statistics and affine.
+
+    A frozen BN normalises with the running statistics in train mode too, so `model.train()` cannot
+    unfreeze it, whichever wrapper (IntermediateLayerGetter, BackboneWithFPN) later holds the stage.
+    """
+    if isinstance(module, nn.BatchNorm2d):
+        frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(frozen, name).copy_(getattr(module, name).detach())
+        return frozen
+    for name, child in module.named_children():
+        setattr(module, name, frozen_batchnorm(child))
+    return module
+
+
+def build_trainable(
+    ckpt: LoadedCheckpoint,
+    *,
+    norm_layer: Callable[[int], nn.Module] | None = None,
+    frozen_stages: int = -1,
+    replace_stride_with_dilation: Sequence[bool] = (False, False, False),
+) -> torchvision.models.ResNet:
+    """A torchvision ResNet (fc: Identity) holding the checkpoint's tensors, for benchmarks that fine-tune.
+
+    norm_layer and replace_stride_with_dilation are torchvision's (BatchNorm2d by default; (False, True,
+    True) is mmseg's D8: strides (1, 2, 1, 1), dilations (1, 1, 2, 4), the first block of a dilated
+    stage at half the dilation). frozen_stages as mmcv's ResNet: -1 none, 0 the stem (conv1, bn1),
+    i the stem and layer1..layer_i; their parameters get no gradients and their BN is frozen.
+    """
+    if not -1 <= frozen_stages <= 4:
+        raise ValueError(f"frozen_stages must be -1 (none) .. 4 (every stage), got {frozen_stages}")
+    net = getattr(torchvision.models, ckpt.arch)(
+        weights=None, norm_layer=norm_layer, replace_stride_with_dilation=list(replace_stride_with_dilation)
+    )
+    net.fc = nn.Identity()
+    _load_into(net, ckpt)
+    if frozen_stages >= 0:
+        net.bn1 = frozen_batchnorm(net.bn1)
+        for stage in (net.conv1, net.bn1, *(getattr(net, f"layer{i}") for i in range(1, frozen_stages + 1))):
+            frozen_batchnorm(stage).requires_grad_(False)
+    return net
 
 
 # ------------------------------------------------------------------------------------ reporting

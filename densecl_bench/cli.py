@@ -12,6 +12,7 @@ import click
 from densecl_bench import __version__
 
 PathArg = click.Path(path_type=Path)
+PRECISION = click.Choice(["fp32", "bf16"])
 
 
 class _Commands(click.Group):
@@ -118,15 +119,18 @@ def data_check(root: Path) -> None:
 @click.option("--device", default=None)
 @click.option("--skip-bad-images", is_flag=True,
               help="Leave unreadable images out (zero rows, listed in each file's .json sidecar) instead of failing.")
+@click.option("--precision", type=PRECISION, default="fp32", show_default=True,
+              help="Arithmetic of the forward pass: fp32 as published, or bf16 autocast (cached apart).")
 def extract(ckpt: str, dataset: str, split: str, layers: str, data_root: Path | None, pooling: str | None,
-            size: int | None, batch_size: int, workers: int, device: str | None, skip_bad_images: bool) -> None:
+            size: int | None, batch_size: int, workers: int, device: str | None, skip_bad_images: bool,
+            precision: str) -> None:
     """Extract pooled features into the on-disk cache (a second call is a cache hit)."""
     from densecl_bench.backbone import parse_layers
     from densecl_bench.runner import extract_dataset
 
     out = extract_dataset(ckpt, dataset, split, parse_layers(layers), data_root=data_root, pooling=pooling, size=size,
                           batch_size=batch_size, num_workers=workers, device=device,
-                          on_bad_image="skip" if skip_bad_images else "raise")
+                          on_bad_image="skip" if skip_bad_images else "raise", precision=precision)
     for layer, (path, shape) in out.items():
         click.echo(f"{layer}: {shape[0]} x {shape[1]}  {path}")
 
@@ -152,9 +156,12 @@ def extract(ckpt: str, dataset: str, split: str, layers: str, data_root: Path | 
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
 @click.option("--skip-bad-images", is_flag=True,
               help="Leave unreadable images out instead of failing (recorded with counts, rows marked).")
+@click.option("--precision", type=PRECISION, default=None,
+              help="Arithmetic of every stage in place of the configs' (fp32, as published): bf16 autocast "
+                   "is fingerprinted, recorded and its rows marked.")
 def run(benchmarks: tuple[str, ...], ckpt: str, data_root: Path | None, runs_dir: Path, run_id: str | None,
         label: str | None, profiles: str, trials: int, seed: int, arch: str | None, allow_partial: bool,
-        device: str | None, workers: int, skip_bad_images: bool) -> None:
+        device: str | None, workers: int, skip_bad_images: bool, precision: str | None) -> None:
     """Run benchmarks (`all`, or names such as voc07_svm knn) and print the model-zoo tables.
 
     Exits 1 when a stage failed, a benchmark named here was skipped, or nothing ran.
@@ -166,7 +173,7 @@ def run(benchmarks: tuple[str, ...], ckpt: str, data_root: Path | None, runs_dir
     result = run_suite(list(benchmarks), ckpt, data_root=data_root, runs_dir=runs_dir, run_id=run_id, label=label,
                        profiles=[p.strip() for p in profiles.split(",") if p.strip()], trials=trials, seed=seed,
                        arch=arch, allow_partial=allow_partial, device=device, num_workers=workers,
-                       on_bad_image="skip" if skip_bad_images else "raise", echo=click.echo)
+                       on_bad_image="skip" if skip_bad_images else "raise", precision=precision, echo=click.echo)
     problems = result.problems()
     if dist.is_main():
         click.echo(f"\nrun: {result.run_dir}\n")
@@ -221,7 +228,8 @@ def table(runs: tuple[Path, ...], output: Path | None, skip_empty: bool) -> None
 @click.option("--two-sided", is_flag=True,
               help="Also fail on a metric better than the reference beyond tolerance (the protocol moved).")
 @click.option("--include-flagged", is_flag=True,
-              help="Judge records made with --allow-partial or --skip-bad-images too (left out by default).")
+              help="Judge records with a caveat too (--allow-partial, --skip-bad-images, bf16, a missed "
+                   "total batch; left out by default).")
 def regress(run_dir: Path, reference: Path, tolerances: Path | None, allow_missing: bool, label: str | None,
             two_sided: bool, include_flagged: bool) -> None:
     """Compare a run with reference numbers: verdicts ok / worse / better; exit 1 on any worse metric."""
@@ -251,16 +259,22 @@ def regress(run_dir: Path, reference: Path, tolerances: Path | None, allow_missi
               help="Stop after this many epochs of the schedule; running again resumes it.")
 @click.option("--no-resume", is_flag=True, help="Start from scratch even if a checkpoint exists.")
 @click.option("--device", default=None)
+@click.option("--precision", type=PRECISION, default=None,
+              help="fp32 or bf16 autocast in place of the config's `precision` (fp32, as the reference).")
 def pretrain(config_file: str, data_root: Path | None, work_dir: Path | None, epochs: int | None,
-             stop_after_epochs: int | None, no_resume: bool, device: str | None) -> None:
+             stop_after_epochs: int | None, no_resume: bool, device: str | None, precision: str | None) -> None:
     """Pretrain a ResNet-50 with DenseCL (resumable; torchrun for several GPUs)."""
+    from densecl_bench import config
     from densecl_bench.config import ConfigError
     from densecl_bench.engine import NonFiniteLoss, TrainingInterrupted
     from densecl_bench.pretrain import QueueSizeError
     from densecl_bench.pretrain import pretrain as run_pretrain
 
     try:
-        latest = run_pretrain(config_file, data_root=data_root, work_dir=work_dir, resume=not no_resume,
+        cfg = config.load(config_file, "pretrain")
+        if precision:
+            cfg["precision"] = precision
+        latest = run_pretrain(cfg, data_root=data_root, work_dir=work_dir, resume=not no_resume,
                               epochs=epochs, max_epochs=stop_after_epochs, device=device)
     except TrainingInterrupted as err:
         click.echo(str(err), err=True)

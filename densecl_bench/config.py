@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +55,20 @@ def offered(name_or_path: str | Path, kind: str) -> list[str]:
     return list(_read(find(name_or_path, kind)).get("profiles") or {})
 
 
-def load(name_or_path: str | Path, kind: str, profiles: str | Sequence[str] | None = None, *,
+def load(name_or_path: str | Path | Mapping[str, Any], kind: str, profiles: str | Sequence[str] | None = None, *,
          if_offered: bool = False) -> dict[str, Any]:
     """Load a config and apply the overrides of `profiles` in order (deeply merged); returns a plain dict.
 
     With `if_offered`, profiles the config does not define are left out (the runner reports them), so
     one suite-wide list such as `demo,vissl` can be passed to every benchmark. `_profile` records the
-    applied ones, comma-joined, or `full` (the published protocol) when none applies.
+    applied ones, comma-joined, or `full` (the published protocol) when none applies. A config already
+    loaded (a mapping, e.g. with a command-line override applied) comes back as a copy, so functions
+    that load their config by name accept one too.
     """
+    if isinstance(name_or_path, Mapping):
+        if profiles:
+            raise ConfigError("profiles apply when a config is loaded from its file, not to a loaded config")
+        return copy.deepcopy(dict(name_or_path))
     path = find(name_or_path, kind)
     raw = _read(path)
     defined = raw.pop("profiles", None) or {}

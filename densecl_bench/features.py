@@ -1,7 +1,7 @@
 """Batched feature extraction with per-layer pooling and an on-disk cache.
 
 One backbone pass fills every requested layer. Each (checkpoint, dataset, split, layer, pooling,
-transform, size, bad-image policy) combination is one float32 `.npy` file, read back memory-mapped;
+transform, size, bad-image policy, precision) combination is one float32 `.npy` file, read back memory-mapped;
 it is written to a temporary name and renamed only when complete, so an interrupted extraction never
 leaves a file that looks finished. A JSON sidecar beside it lists the rows of unreadable images left
 out under `on_bad_image: skip`. Under torchrun each rank extracts a contiguous shard and rank 0 merges.
@@ -26,6 +26,7 @@ from densecl_bench import dist
 from densecl_bench.backbone import Backbone, pool_feature
 from densecl_bench.data import transforms
 from densecl_bench.data.base import ImageList, ImageListDataset, check_bad_image_policy, collate_readable
+from densecl_bench.engine import precision as precision_mod
 from densecl_bench.paths import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -33,16 +34,17 @@ log = logging.getLogger(__name__)
 
 def cache_file(
     cache_dir: Path, ckpt_key: str, image_list: ImageList, layer: str, pooling: str, transform: str, size: int,
-    *, on_bad_image: str,
+    *, on_bad_image: str, precision: str,
 ) -> Path:
     """The cache path of one layer's features; the name hashes everything that changes the numbers.
 
     The bad-image policy is in the key: a file written under `skip` may lack rows, and a run under
     `raise` must fail on those images rather than read it. (A file written under `raise` has every
     row, but keeping the policies apart means each file's sidecar records what its own policy did.)
+    The precision is in the key: bf16 features are other numbers than the fp32 ones.
     """
     listing = hashlib.sha256("\n".join(str(p) for p in image_list.paths).encode()).hexdigest()
-    key = json.dumps([ckpt_key, image_list.name, listing, layer, pooling, transform, size, on_bad_image])
+    key = json.dumps([ckpt_key, image_list.name, listing, layer, pooling, transform, size, on_bad_image, precision])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     safe_name = image_list.name.replace("/", "_")
     return cache_dir / ckpt_key[:24] / safe_name / f"{layer}_{pooling}_{transform}{size}_{digest}.npy"
@@ -71,9 +73,10 @@ def _extract_into(
     batch_size: int,
     num_workers: int,
     device: torch.device,
+    precision: str,
     offset: int = 0,
 ) -> list[int]:
-    """Run the backbone over `dataset`, write pooled rows into `outputs[layer][index - offset]`.
+    """Run the backbone over `dataset` under `precision`, write pooled rows into `outputs[layer][index - offset]`.
 
     Returns the indices of the images that could not be read (`on_bad_image: skip`): they never
     reach the backbone, and their rows keep the zeros of the freshly created output file.
@@ -92,7 +95,7 @@ def _extract_into(
         images = images.to(device, non_blocking=True)
         if cuda:
             images = images.to(memory_format=torch.channels_last)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda):
+        with precision_mod.autocast(precision, device):
             feats = backbone(images, layers)
         rows = (index - offset).numpy()
         for layer in layers:
@@ -138,16 +141,20 @@ def extract(
     cache_dir: Path,
     ckpt_key: str,
     on_bad_image: str = "raise",
+    precision: str = precision_mod.DEFAULT,
 ) -> Features:
     """Pooled features of `image_list` per layer, extracted into the cache or read from it.
 
     A second call with the same arguments reads the cache and runs no forward pass. on_bad_image:
     `raise` stops at the first unreadable image with its path; `skip` leaves it out (`Features.skipped`).
+    precision: `fp32` (plain forward, no TF32) or `bf16` (autocast); the pooling is always float32.
     """
     device = torch.device(device)
     check_bad_image_policy(on_bad_image)
+    if precision_mod.check(precision) == "fp32":
+        precision_mod.ieee_fp32()
     files = {layer: cache_file(cache_dir, ckpt_key, image_list, layer, pooling, transform, size,
-                               on_bad_image=on_bad_image) for layer in layers}
+                               on_bad_image=on_bad_image, precision=precision) for layer in layers}
     # a file without its sidecar (a crash between the two renames) is redone: its skipped rows are unknown
     todo = {layer: f for layer, f in files.items() if not (f.exists() and f.with_suffix(".json").exists())}
     if todo:
@@ -155,11 +162,11 @@ def extract(
         backbone.eval()
         dims = _pooled_dims(backbone, dataset, list(todo), pooling, device)
         if dist.world_size() > 1:
-            _extract_sharded(backbone, dataset, todo, dims, pooling, batch_size, num_workers, device)
+            _extract_sharded(backbone, dataset, todo, dims, pooling, batch_size, num_workers, device, precision)
         else:
             with _outputs(todo, len(dataset), dims) as outputs:
                 bad = _extract_into(backbone, dataset, image_list.name, outputs, pooling, batch_size,
-                                    num_workers, device)
+                                    num_workers, device, precision)
             _write_meta(todo, image_list, bad)
     skipped = json.loads(files[layers[0]].with_suffix(".json").read_text())["bad_indices"]
     if skipped and dist.is_main():
@@ -194,7 +201,7 @@ def _outputs(files: dict[str, Path], n: int, dims: dict[str, int]) -> Iterator[d
 
 
 def _extract_sharded(backbone, dataset, files: dict[str, Path], dims: dict[str, int], pooling, batch_size,
-                     num_workers, device) -> None:
+                     num_workers, device, precision) -> None:
     """Each rank extracts rows [start, stop) into its own part file; rank 0 concatenates them."""
     n, world, rank = len(dataset), dist.world_size(), dist.rank()
     bounds = [n * r // world for r in range(world + 1)]
@@ -202,7 +209,7 @@ def _extract_sharded(backbone, dataset, files: dict[str, Path], dims: dict[str, 
     parts = {layer: f.with_suffix(f".part{rank}.npy") for layer, f in files.items()}
     with _outputs(parts, len(shard), dims) as outputs:
         bad = _extract_into(backbone, shard, dataset.image_list.name, outputs, pooling, batch_size, num_workers,
-                            device, offset=bounds[rank])
+                            device, precision, offset=bounds[rank])
     atomic_write_json(next(iter(parts.values())).with_suffix(".bad.json"), bad)
     dist.barrier()
     if dist.is_main():

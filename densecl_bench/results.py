@@ -29,6 +29,7 @@ import densecl_bench
 from densecl_bench.paths import atomic_path, atomic_write_json
 
 LEDGER_FILE = "ledger.jsonl"
+PUBLISHED_PRECISION = "fp32"  # engine.precision.DEFAULT, named here without importing torch
 MANIFEST_FILE = "run.json"
 
 PROVENANCE_KEYS = (
@@ -160,7 +161,8 @@ def current(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def caveats(record: dict[str, Any]) -> list[str]:
-    """Why a record may not measure the plain protocol: a partial checkpoint, left-out images.
+    """Why a record may not measure the plain protocol: a partial checkpoint, left-out images, another
+    precision than fp32, a total batch the world size did not give.
 
     Tables mark such rows and the regression gate leaves them out unless asked.
     """
@@ -171,6 +173,12 @@ def caveats(record: dict[str, Any]) -> list[str]:
     skipped = sum((prov.get("skipped_images") or {}).values())
     if prov.get("on_bad_image") == "skip" or skipped:
         out.append(f"--skip-bad-images ({skipped} unreadable images left out)")
+    precision = prov.get("precision")
+    if precision and set(precision.split(",")) != {PUBLISHED_PRECISION}:
+        out.append(f"precision {precision} (the published numbers are {PUBLISHED_PRECISION})")
+    for name, b in (prov.get("batch_mismatch") or {}).items():
+        out.append(f"batch {b['world_size']} x {b['batch_size_per_gpu']} per pass, not the "
+                   f"{b['total_batch_size']} of {name}")
     return out
 
 

@@ -6,6 +6,10 @@ whose protocol fingerprint (over every config the stage runs, resolved with the 
 in the ledger. A run id belongs to one checkpoint, data root and profile list; reusing it for other
 ones is refused rather than mixing their numbers.
 
+Precision (`fp32` as published, or `bf16` autocast) is a protocol setting: every stage config carries
+`precision`, resolved from the config or overridden by `run --precision`, so it is in the fingerprint
+and the record, and rows not in fp32 are marked. So is a total batch the world size cannot give.
+
 In one process a failed stage is recorded and the suite goes on; user errors (bad checkpoint,
 unknown name, unreadable image) stop it. Under torchrun any failure ends every rank with its message
 (`dist.fail_together`): the other ranks may be waiting in a collective the failed rank never joins.
@@ -29,6 +33,7 @@ from densecl_bench import config, dist, paths, registry
 from densecl_bench.backbone import Backbone, freeze
 from densecl_bench.benchmarks.base import Benchmark, Metric, RunContext
 from densecl_bench.checkpoint import LoadedCheckpoint, build_backbone, load_checkpoint
+from densecl_bench.engine import precision as precision_mod
 from densecl_bench.errors import UserError, user_errors
 from densecl_bench.results import Ledger, provenance
 from densecl_bench.tables import write_tables
@@ -102,9 +107,11 @@ def load_frozen(ckpt: str, arch: str | None, allow_partial: bool, device: str | 
     return loaded, freeze(build_backbone(loaded)).to(torch_device), torch_device
 
 
-def default_run_id(label: str, ckpt: LoadedCheckpoint, profiles: Sequence[str]) -> str:
-    """Stable across re-runs of the same command, so re-running resumes."""
+def default_run_id(label: str, ckpt: LoadedCheckpoint, profiles: Sequence[str], precision: str | None = None) -> str:
+    """Stable across re-runs of the same command, so re-running resumes; a bf16 run gets its own."""
     parts = [label, ckpt.sha256[:8], "_".join(profiles) or "full"]
+    if precision not in (None, precision_mod.DEFAULT):
+        parts.append(precision)
     return re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts))
 
 
@@ -125,10 +132,13 @@ def resolve_profiles(requested: Sequence[str], demo: bool) -> list[str]:
 
 def stage_protocol(bench: type[Benchmark], profiles: Sequence[str], extra: dict[str, Any]
                    ) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Every config the stage runs, resolved with `profiles` and `extra` (world size, arch), by name;
-    and the profiles none of them offers."""
-    configs = {name: {**config.load(name, "benchmarks", profiles, if_offered=True), **extra}
-               for name in bench.all_configs()}
+    """Every config the stage runs, resolved with `profiles` and `extra` (world size, arch, a precision
+    override), by name; and the profiles none of them offers. Each has a `precision` (default fp32)."""
+    configs = {}
+    for name in bench.all_configs():
+        cfg = {**config.load(name, "benchmarks", profiles, if_offered=True), **extra}
+        cfg["precision"] = precision_mod.check(cfg.get("precision", precision_mod.DEFAULT))
+        configs[name] = cfg
     offered = {p for name in configs for p in config.offered(name, "benchmarks")}
     return configs, [p for p in profiles if p not in offered]
 
@@ -138,6 +148,31 @@ def stage_record(bench: type[Benchmark], configs: dict[str, dict[str, Any]]) -> 
     primary = configs[bench.config]
     extras = {name: cfg for name, cfg in configs.items() if name != bench.config}
     return {**primary, "_extra_configs": extras} if extras else primary
+
+
+def stage_precision(configs: dict[str, dict[str, Any]]) -> str:
+    """The stage's precision for its record: `fp32`, `bf16`, or both comma-joined when its configs differ."""
+    return ",".join(dict.fromkeys(cfg["precision"] for cfg in configs.values()))
+
+
+def batch_mismatch(configs: dict[str, dict[str, Any]], world_size: int) -> dict[str, dict[str, int]]:
+    """The configs (by `_config` name) whose protocol batch (`total_batch_size`) this world size misses
+    with `batch_size_per_gpu`.
+
+    Gradient accumulation stands in only where no statistic is taken over the batch (`batch_policy:
+    accumulate` with `batch_statistics: false`); BN over one process's pass is not BN over the
+    protocol's batch, so everywhere else the numbers may differ from the protocol's.
+    """
+    out = {}
+    for name, cfg in configs.items():
+        total, per_gpu = cfg.get("total_batch_size"), cfg.get("batch_size_per_gpu")
+        if total is None or per_gpu is None or world_size * per_gpu == total:
+            continue
+        if cfg.get("batch_policy") == "accumulate" and cfg.get("batch_statistics") is False:
+            continue
+        out[cfg.get("_config", name)] = {"total_batch_size": total, "world_size": world_size,
+                                         "batch_size_per_gpu": per_gpu}
+    return out
 
 
 def _open_run(run_dir: Path, manifest: dict[str, Any]) -> Ledger:
@@ -173,6 +208,7 @@ class _Suite:
     allow_partial: bool
     num_workers: int
     on_bad_image: str
+    precision: str | None
     echo: Callable[[str], None]
 
     def context(self, bench: Benchmark, configs: dict[str, dict[str, Any]], trial: int) -> RunContext:
@@ -183,7 +219,8 @@ class _Suite:
             seed=self.seed + trial, num_workers=self.num_workers, on_bad_image=self.on_bad_image,
         )
 
-    def provenance(self, ctx: RunContext, wall: float, not_offered: list[str]) -> dict[str, Any]:
+    def provenance(self, ctx: RunContext, wall: float, not_offered: list[str], precision: str,
+                   batch: dict[str, dict[str, int]]) -> dict[str, Any]:
         """The record's provenance, with everything that makes a number deviate from the plain protocol."""
         loaded = self.loaded
         return provenance(
@@ -193,6 +230,7 @@ class _Suite:
             allow_partial=self.allow_partial, missing_tensors=len(loaded.missing_keys),
             on_bad_image=self.on_bad_image,
             skipped_images={name: len(rows) for name, rows in ctx.skipped_images.items()},
+            precision=precision, batch_mismatch=batch,
         )
 
 
@@ -217,10 +255,19 @@ def _run_benchmark(suite: _Suite, bench: Benchmark, trials: int) -> list[StageOu
     if missing:
         echo(f"[{bench.name}] skipped: no data at {missing[0]}")
         return [StageOutcome(bench.name, 0, "skipped", f"no data at {missing[0]}")]
-    configs, not_offered = stage_protocol(type(bench), suite.profiles,
-                                          {"world_size": dist.world_size(), "arch": suite.loaded.arch})
+    extra = {"world_size": dist.world_size(), "arch": suite.loaded.arch}
+    if suite.precision:
+        extra["precision"] = suite.precision
+    configs, not_offered = stage_protocol(type(bench), suite.profiles, extra)
     if not_offered:
         echo(f"[{bench.name}] profile {', '.join(not_offered)} not offered by {', '.join(configs)}: runs without it")
+    precision = stage_precision(configs)
+    batch = batch_mismatch(configs, dist.world_size())
+    for name, b in batch.items():
+        echo(f"[{bench.name}] warning: {name} assumes a total batch of {b['total_batch_size']}; "
+             f"{b['world_size']} process(es) x {b['batch_size_per_gpu']} per GPU give "
+             f"{b['world_size'] * b['batch_size_per_gpu']} per pass (accumulation cannot stand in for its "
+             "batch statistics): the records are marked")
     record_cfg = stage_record(type(bench), configs)
     fp = config.fingerprint(record_cfg)
     outcomes = []
@@ -246,7 +293,7 @@ def _run_benchmark(suite: _Suite, bench: Benchmark, trials: int) -> list[StageOu
         wall = time.perf_counter() - start
         if dist.is_main():
             suite.ledger.append(metrics, label=suite.label, trial=trial, config=record_cfg, fingerprint=fp,
-                                provenance=suite.provenance(ctx, wall, not_offered))
+                                provenance=suite.provenance(ctx, wall, not_offered, precision, batch))
         outcomes.append(StageOutcome(bench.name, trial, "done", f"{len(metrics)} metrics in {wall:.0f}s"))
         echo(f"[{bench.name}] trial {trial}: {len(metrics)} metrics in {wall:.1f}s")
     return outcomes
@@ -268,15 +315,20 @@ def run_suite(
     device: str | None = None,
     num_workers: int = 2,
     on_bad_image: str = "raise",
+    precision: str | None = None,
     echo: Callable[[str], None] = print,
 ) -> SuiteResult:
     """Run the named benchmarks (`all` for every registered one) and write ledger and tables.
 
     profiles: applied in order to every config that offers them (`demo` comes first on demo data).
     seed: the first trial's seed (trial t uses seed + t) and the weights of `ckpt="random"`.
+    precision: `fp32` or `bf16` for every stage in place of each config's `precision` (None: the configs').
     """
     if trials < 1 or num_workers < 0:
         raise UserError(f"trials must be >= 1 and workers >= 0 (got {trials} and {num_workers})")
+    if precision is not None:
+        precision_mod.check(precision)
+    precision_mod.ieee_fp32()  # fp32 is IEEE fp32 on every GPU (bf16 autocast is unaffected)
     dist.init_from_env()
     if not dist.is_main():
         echo = _silent  # one voice under torchrun
@@ -292,14 +344,14 @@ def run_suite(
             echo(DEMO_BANNER.format(root=data_root))
         data_root = Path(data_root).resolve()
         label = label or row_label(loaded)
-        run_dir = Path(runs_dir) / (run_id or default_run_id(label, loaded, profiles))
+        run_dir = Path(runs_dir) / (run_id or default_run_id(label, loaded, profiles, precision))
         ledger = _open_run(run_dir, {
             "run_id": run_dir.name, "label": label, "ckpt": str(ckpt), "ckpt_sha256": loaded.sha256,
             "ckpt_layout": loaded.layout, "arch": loaded.arch, "profiles": profiles, "demo": demo,
-            "data_root": str(data_root), "argv": sys.argv,
+            "data_root": str(data_root), "precision": precision, "argv": sys.argv,
         })
         suite = _Suite(str(ckpt), loaded, backbone, device_, data_root, demo, ledger, label, profiles, seed,
-                       allow_partial, num_workers, on_bad_image, echo)
+                       allow_partial, num_workers, on_bad_image, precision, echo)
         result = SuiteResult(run_dir, named=() if "all" in names else tuple(b.name for b in benchmarks))
         for bench_cls in benchmarks:
             result.stages += _run_benchmark(suite, bench_cls(), trials)
@@ -332,11 +384,13 @@ def extract_dataset(
     arch: str | None = None,
     allow_partial: bool = False,
     on_bad_image: str = "raise",
+    precision: str = precision_mod.DEFAULT,
 ) -> dict[str, tuple[Path, tuple[int, ...]]]:
     """Extract (or read from the cache) one split's pooled features; returns {layer: (cache file, shape)}.
 
     Without a data root, the demo datasets are used at the demo size (96 px, adaptive pooling). Under
     `on_bad_image: skip` the rows of unreadable images are zero and listed in each file's `.json` sidecar.
+    precision: `fp32` or `bf16` autocast, cached apart.
     """
     from densecl_bench.data import imagenet as imagenet_reader
     from densecl_bench.data import places as places_reader
@@ -364,5 +418,5 @@ def extract_dataset(
     cache_dir = paths.cache_root() / "features"
     feats = extract(backbone, image_list, transform=transform, layers=layers, pooling=pooling, size=size,
                     batch_size=batch_size, num_workers=num_workers, device=torch_device, cache_dir=cache_dir,
-                    ckpt_key=loaded.sha256, on_bad_image=on_bad_image)
+                    ckpt_key=loaded.sha256, on_bad_image=on_bad_image, precision=precision)
     return {layer: (feats.files[layer], arr.shape) for layer, arr in feats.arrays.items()}

@@ -5,7 +5,8 @@ column, and the decimals the published tables print) is data: `LAYOUT`. Rows are
 records' `label` (the pretraining config name). Missing values are blank; repeated trials render as
 `mean ± std` (sample std); several runs render side by side with delta rows against the first row.
 Metrics the layout does not know (third-party benchmarks, extra metrics) get their own tables. Rows
-with a caveat (`results.caveats`: partial checkpoint, skipped images) carry a `†` and a note.
+with a caveat (`results.caveats`: partial checkpoint, skipped images, not fp32, a total batch the
+world size missed) carry a `†` and a note.
 Layout source: MMSelfSup 0.x `configs/selfsup/densecl/README.md` (PROTOCOLS.md §9, §10).
 """
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from densecl_bench.backbone import Backbone, freeze
 from densecl_bench.benchmarks.base import RunContext
-from densecl_bench.checkpoint import LoadedCheckpoint
+from densecl_bench.checkpoint import load_checkpoint
 
 DOC = Path(__file__).parents[1] / "docs" / "ENGINE.md"
 
@@ -35,7 +35,7 @@ def test_engine_doc_example_plugin(tmp_path):
     torch.manual_seed(0)
     ctx = RunContext(
         backbone=freeze(Backbone("resnet18")),
-        checkpoint=LoadedCheckpoint({}, "resnet18", "torchvision", "0" * 64, "random"),
+        checkpoint=load_checkpoint("random", arch="resnet18"),
         data_root=tmp_path, demo=True, device=torch.device("cpu"), run_dir=tmp_path / "run",
         cache_dir=tmp_path / "cache", num_workers=0,
         config={"lr": 0.05, "weight_decay": 1e-4, "epochs": 2, "warmup_iters": 2, "batch_size": 4, "size": 16},

@@ -8,18 +8,22 @@ group third-party packages use (see `registry.py`). `Metric` is the ledger's rec
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torchvision
+from torch import nn
 
 from densecl_bench import dist
 from densecl_bench.backbone import Backbone
-from densecl_bench.checkpoint import LoadedCheckpoint
+from densecl_bench.checkpoint import LoadedCheckpoint, build_trainable
 from densecl_bench.data.base import ImageList
+from densecl_bench.engine import ddp
+from densecl_bench.engine import precision as precision_mod
 from densecl_bench.results import Metric
 
 __all__ = ["Benchmark", "Metric", "RunContext"]
@@ -31,7 +35,8 @@ class RunContext:
 
     config: this benchmark's resolved config (profiles applied); configs: every config the stage runs
     (`Benchmark.config` and `Benchmark.extra_configs`) by name, resolved alike. `demo` is True when the
-    data are the embedded demo datasets. `features()` extracts through the on-disk feature cache.
+    data are the embedded demo datasets. `features()` extracts through the on-disk feature cache
+    from the frozen `backbone`; `trainable_backbone()` gives benchmarks that fine-tune a fresh network.
     """
 
     backbone: Backbone
@@ -52,6 +57,11 @@ class RunContext:
     # rank 0 of a `rank0_only` stage under torchrun: announce each extraction to the other ranks,
     # which wait in `serve_features` and extract their shards
     lead_extraction: bool = False
+
+    @property
+    def precision(self) -> str:
+        """The stage's arithmetic, `fp32` or `bf16` (the runner resolves `precision` into every config)."""
+        return self.config.get("precision", precision_mod.DEFAULT)
 
     def features(
         self,
@@ -85,6 +95,7 @@ class RunContext:
             cache_dir=self.cache_dir,
             ckpt_key=self.checkpoint.sha256,
             on_bad_image=self.on_bad_image,
+            precision=self.precision,
         )
         if out.skipped:
             self.skipped_images[image_list.name] = out.skipped
@@ -95,9 +106,40 @@ class RunContext:
         while (request := dist.broadcast_object(None)) is not None:
             self.features(*request)
 
+    def trainable_backbone(
+        self,
+        *,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+        frozen_stages: int = -1,
+        replace_stride_with_dilation: Sequence[bool] = (False, False, False),
+    ) -> torchvision.models.ResNet:
+        """A fresh torchvision ResNet holding the checkpoint's weights (loaded strictly), on `device`, in train mode.
+
+        Every call builds a new network: fine-tuning one never touches `backbone` or another copy. `fc`
+        is an `nn.Identity` (the forward ends in the globally pooled res5). Options as torchvision's and
+        mmcv's: `norm_layer` (BatchNorm2d by default; `nn.SyncBatchNorm` becomes SyncBN only on CUDA with
+        world size > 1, plain BN elsewhere, as `engine.ddp.prepare` does), `frozen_stages` (-1 none, 0
+        the stem, i the stem and layer1..layer_i: no gradients, BN frozen at the checkpoint's
+        statistics whatever `train()` says) and `replace_stride_with_dilation` ((False, True, True):
+        the FCN-D8 net, output stride 8).
+        """
+        sync = norm_layer is nn.SyncBatchNorm
+        net = build_trainable(self.checkpoint, norm_layer=None if sync else norm_layer, frozen_stages=frozen_stages,
+                              replace_stride_with_dilation=replace_stride_with_dilation)
+        if sync:
+            net = ddp.sync_batchnorm(net, self.device)
+        return net.to(self.device).train()
+
 
 class Benchmark(ABC):
-    """A benchmark plugin. Subclasses set the class attributes and implement `required_data` and `run`."""
+    """A benchmark plugin. Subclasses set the class attributes and implement `required_data` and `run`.
+
+    A config that trains declares the batch its protocol assumes: `total_batch_size` and
+    `batch_size_per_gpu`. Where world size x per-GPU batch differs, the runner warns and marks the
+    records, unless the config accumulates (`batch_policy: accumulate`) and says no statistic is taken
+    over the batch (`batch_statistics: false`): accumulated passes give the same steps, but BN over 32
+    images is not BN over 256.
+    """
 
     name: ClassVar[str]  # the ledger / reference-JSON key, e.g. "voc07_svm"
     aliases: ClassVar[tuple[str, ...]] = ()  # short names accepted on the command line

@@ -42,6 +42,7 @@ def run_probe(ctx: RunContext, cfg: dict[str, Any], probe: str, train: ImageList
         seed=ctx.seed,
         num_workers=ctx.num_workers,
         on_bad_image=ctx.on_bad_image,
+        precision=cfg["precision"],
         name=f"{probe} ({cfg.get('_config', '?')})",
     )
     ctx.skipped_images.update(result.skipped)

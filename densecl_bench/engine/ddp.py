@@ -22,8 +22,15 @@ def prepare(model: nn.Module, device: torch.device, *, sync_bn: bool = True, bro
     model = model.to(device)
     if not dist.is_dist():
         return model
-    if sync_bn and device.type == "cuda" and dist.world_size() > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if sync_bn:
+        model = sync_batchnorm(model, device)
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=broadcast_buffers,
                                    find_unused_parameters=find_unused_parameters)
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` with its BatchNorm layers as SyncBatchNorm on CUDA with world size > 1; unchanged elsewhere."""
+    if device.type == "cuda" and dist.world_size() > 1:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model

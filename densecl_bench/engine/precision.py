@@ -1,7 +1,8 @@
 """Precision is a protocol setting: `fp32` (what every published number used) or `bf16` autocast.
 
 It is chosen by the config or the CLI and recorded, never implied by the device: the same `bf16`
-runs under autocast on CPU and on CUDA, and `fp32` adds no context at all.
+runs under autocast on CPU and on CUDA, and `fp32` adds no context at all, but is IEEE fp32 on GPUs
+too once `ieee_fp32()` has turned off torch's TF32 default for cuDNN convolutions.
 """
 
 from __future__ import annotations
@@ -28,3 +29,13 @@ def autocast(precision: str, device: torch.device | str) -> AbstractContextManag
     if check(precision) == "fp32":
         return nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def ieee_fp32() -> None:
+    """No TF32 in cuDNN convolutions (torch's default on Ampere and newer GPUs) nor in CUDA matmuls.
+
+    TF32 keeps 10 mantissa bits of fp32's 23, and the published numbers predate it. bf16 autocast is
+    unaffected (its convolutions and matmuls run in bf16); the process-wide flags stay set.
+    """
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
