@@ -152,8 +152,8 @@ def train(
         model.to(memory_format=torch.channels_last)
     if cuda:
         torch.backends.cudnn.benchmark = True
-        if precision == "bf16":
-            torch.backends.cuda.matmul.allow_tf32 = True
+    if precision == "fp32":  # IEEE fp32 as the reference, not torch's TF32 convolutions
+        engine.precision.ieee_fp32()
     if _get(cfg, "compile", bool):
         model.encoder_q[0].compile()
         model.encoder_k[0].compile()
