@@ -15,3 +15,14 @@ def bench_home(tmp_path_factory):
         os.environ.pop("DENSECL_BENCH_HOME", None)
     else:
         os.environ["DENSECL_BENCH_HOME"] = old
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: bit-level comparisons that must not depend on the thread count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -30,12 +30,7 @@ CPU = torch.device("cpu")
 CORRUPT = b"not a jpeg"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def biased_backbone() -> Backbone:

@@ -33,12 +33,7 @@ IN_AVGPOOL = "resnet50_linear-8xb32-steplr-100e_in1k"
 PLACES = "resnet50_mhead_8xb32-steplr-28e_places205"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_images(folder: Path, n: int, classes: int, seed: int, size: int = 20) -> ImageList:
