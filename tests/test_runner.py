@@ -32,13 +32,13 @@ class KilledBench(FirstBench):
     name = "imagenet_knn"
     table = "ImageNet Nearest-Neighbor Classification"
 
+    kill = True  # set per test through `monkeypatch` only, so no test sees another's setting
+
     def run(self, ctx: RunContext) -> list[Metric]:
         CALLS.append(self.name)
-        if KilledBench.kill:
+        if self.kill:
             raise KeyboardInterrupt  # the user pressed Ctrl-C mid-suite
         return [Metric(self.name, "k=20", 42.0)]
-
-    kill = True
 
 
 class NoDataBench(FirstBench):
@@ -51,12 +51,13 @@ class NoDataBench(FirstBench):
 @pytest.fixture
 def fake_registry(monkeypatch):
     CALLS.clear()
+    monkeypatch.setattr(KilledBench, "kill", True)
     benches = {b.name: b for b in (FirstBench, KilledBench, NoDataBench)}
     monkeypatch.setattr(registry, "available", lambda: benches)
     return benches
 
 
-def test_resume_after_kill_does_not_redo_finished_stages(tmp_path, fake_registry):
+def test_resume_after_kill_does_not_redo_finished_stages(tmp_path, fake_registry, monkeypatch):
     runs = tmp_path / "runs"
     with pytest.raises(KeyboardInterrupt):
         runner.run_suite(["all"], "random", arch="resnet18", runs_dir=runs, run_id="r", echo=lambda *_: None)
@@ -64,7 +65,7 @@ def test_resume_after_kill_does_not_redo_finished_stages(tmp_path, fake_registry
     records = Ledger(runs / "r").records()
     assert {r["benchmark"] for r in records} == {"voc07_svm"}
 
-    KilledBench.kill = False
+    monkeypatch.setattr(KilledBench, "kill", False)
     CALLS.clear()
     result = runner.run_suite(["all"], "random", arch="resnet18", runs_dir=runs, run_id="r", echo=lambda *_: None)
     assert CALLS == ["imagenet_knn"]  # the finished stage was not run again
@@ -81,8 +82,8 @@ def test_resume_after_kill_does_not_redo_finished_stages(tmp_path, fake_registry
     assert (runs / "r" / "tables.md").read_text().count("random-init-resnet18") >= 2
 
 
-def test_trials_use_successive_seeds(tmp_path, fake_registry):
-    KilledBench.kill = False
+def test_trials_use_successive_seeds(tmp_path, fake_registry, monkeypatch):
+    monkeypatch.setattr(KilledBench, "kill", False)
     runner.run_suite(["voc07_svm"], "random", arch="resnet18", runs_dir=tmp_path, run_id="t", trials=3,
                      seed=5, echo=lambda *_: None)
     values = sorted(r["value"] for r in Ledger(tmp_path / "t").records() if r["metric"] == "feature5")
