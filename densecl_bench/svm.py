@@ -93,36 +93,41 @@ def sklearn_ap(y_true: np.ndarray, scores: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+def reference_rank(scores: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Ranking by descending score exactly as svm_helper.py `get_precision_recall` makes it.
+
+    The reference calls `np.argsort(preds)[::-1]`: numpy's *default* sort (quicksort kind, not
+    stable), reversed. Tied scores therefore come out in whatever order that sort leaves them,
+    which depends on the numpy version and CPU (introsort in numpy 1.x; SIMD sorts on AVX2 /
+    AVX-512 since numpy 1.25), and the interpolated AP of a tied group depends on it (all scores
+    tied, one positive first of 8: AP 1.0 in input order, 0.125 reversed). Rather than emulate one
+    platform's order we make the same call, so our test AP equals the reference's on the same
+    install, ties included. Real features do tie: dead units, duplicate images, skipped images.
+    """
+    return np.flip(np.argsort(np.asarray(scores, dtype=np.float64), axis=axis), axis=axis)
+
+
 def interpolated_ap(y_true: np.ndarray, scores: np.ndarray) -> float:
     """All-point interpolated AP (VOC2010+ style), svm_helper.py `calculate_ap` on the test scores.
 
-    Rank by descending score (ties keep input order), cumulative precision/recall per rank, make
+    Rank as the reference does (`reference_rank`), cumulative precision/recall per rank, make
     precision monotone from the right, and sum precision × recall step where recall changes.
     NaN when there is no positive (the class cannot be scored).
+    """
+    return float(interpolated_ap_columns(y_true, np.asarray(scores)[:, None])[0])
+
+
+def interpolated_ap_columns(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """`interpolated_ap` for every column of `scores` (n, P) at once: one sort along axis 0.
+
+    numpy sorts each column of an axis-0 argsort through the same 1-D routine, so a column's order
+    (and its ties) is the one `np.argsort(column)` gives.
     """
     y = np.asarray(y_true).astype(bool)
     n_pos = int(y.sum())
     if n_pos == 0:
-        return float("nan")
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    tp = np.cumsum(y[order])
-    precision = tp / np.arange(1, len(y) + 1)
-    recall = tp / n_pos
-    mrec = np.r_[0.0, recall, 1.0]
-    mpre = np.r_[0.0, precision, 0.0]
-    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
-    steps = np.flatnonzero(mrec[1:] != mrec[:-1])
-    return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
-
-
-def interpolated_ap_columns(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """`interpolated_ap` for every column of `scores` (n, P) at once: one stable sort along axis 0."""
-    y = np.asarray(y_true).astype(bool)
-    n_pos = int(y.sum())
-    if n_pos == 0:
         return np.full(scores.shape[1], np.nan)
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), axis=0, kind="stable")
-    tp = np.cumsum(y[order], axis=0)
+    tp = np.cumsum(y[reference_rank(scores, axis=0)], axis=0)
     precision = tp / np.arange(1, len(y) + 1)[:, None]
     recall = tp / n_pos
     zeros, ones = np.zeros((1, tp.shape[1])), np.ones((1, tp.shape[1]))
@@ -201,10 +206,25 @@ def nystrom(K: Tensor, rank: int = 128, iters: int = 3, seed: int = 0) -> Precon
 
 @dataclass
 class FitStats:
+    """Work and health counters summed over every `fit_dual` call that shares this object.
+
+    `unconverged`: problems still changing after `max_newton` iterations; `kkt_failures`: returned
+    solutions whose optimality residual (`kkt_residual`) exceeds the tolerance. Both should be 0;
+    the plugins put them into the ledger so a bad fit is never silent.
+    """
+
     newton: int = 0
     cg: int = 0
     direct: int = 0
     unconverged: int = 0
+    kkt_failures: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"newton": self.newton, "cg_iters": self.cg, "direct_solves": self.direct,
+                "unconverged": self.unconverged, "kkt_failures": self.kkt_failures}
+
+
+KKT_TOL = 1e-6  # relative gradient norm accepted as optimal (see kkt_residual)
 
 
 def fit_dual(K: Tensor, Y: Tensor, C: Tensor, *, init: tuple[Tensor, Tensor] | None = None,
@@ -218,6 +238,15 @@ def fit_dual(K: Tensor, Y: Tensor, C: Tensor, *, init: tuple[Tensor, Tensor] | N
     every row. `init` = (A, F) of a nearby problem (the previous cost) warm-starts the iteration.
     A system uses PCG when its preconditioned condition number, bounded by 1 + λ_r·2c_max, is
     below `cg_cond` and either |S| > direct_max or PCG is estimated cheaper; else a batched Cholesky.
+
+    A problem has converged when a *full* Newton step left its active set unchanged (the point then
+    solves the optimality system of its own active set: Chapelle 2007, §4), or when the step taken
+    moved no decision value by more than `tol` (the iterate is as exact as the inner solves allow:
+    a PCG direction that is only noise gets t ≈ 0). A shortened step with an unchanged active set
+    never counts: from a warm start it would stop part-way between the previous solution and the
+    new one (a halved step gave A_prev + ½(target − A_prev)). Every returned solution is then
+    checked against the optimality conditions (`kkt_residual`); failures are counted in `stats`
+    and logged.
     """
     stats = stats if stats is not None else FitStats()
     train = C > 0
@@ -241,53 +270,95 @@ def fit_dual(K: Tensor, Y: Tensor, C: Tensor, *, init: tuple[Tensor, Tensor] | N
         t = _line_search(Ac, Fc, dA, dF, Yc, Cc)[:, None, :]
         Ac, Fc = Ac + t * dA, Fc + t * dF
         S_new = (Cc > 0) & (Yc * Fc < 1)
-        step = (t * dF).abs().amax(dim=1)
-        scale = 1 + Fc.abs().amax(dim=1)
-        done = ((S_new == Sc).all(dim=1) | (step <= tol * scale)).all(dim=0)
+        settled = (t[:, 0] == 1) & (S_new == Sc).all(dim=1)
+        stalled = (t * dF).abs().amax(dim=1) <= tol * (1 + Fc.abs().amax(dim=1))
+        done = (settled | stalled).all(dim=0)
         if every:
             A, F, S = Ac, Fc, S_new
         else:
             A[:, :, cols], F[:, :, cols], S[:, :, cols] = Ac, Fc, S_new
         todo[cols[done]] = False
-    stats.unconverged += int(todo.sum())
     if todo.any():
+        stats.unconverged += int(todo.sum())
         log.warning("SVM Newton solver: %d problem(s) did not converge in %d iterations", int(todo.sum()), max_newton)
+    F = torch.bmm(K, A)  # fresh decision values: no drift from the incremental updates
+    failed = int((kkt_residual(K, A, F, Y, C) > KKT_TOL).sum())
+    if failed:
+        stats.kkt_failures += failed
+        log.warning("SVM Newton solver: %d solution(s) fail the optimality check (relative gradient > %g)",
+                    failed, KKT_TOL)
     return A, F
+
+
+def kkt_residual(K: Tensor, A: Tensor, F: Tensor, Y: Tensor, C: Tensor) -> Tensor:
+    """Relative norm of the primal gradient at w = Σ aᵢ x̃ᵢ, per problem (G, P); 0 at the exact optimum.
+
+    ∇ = w − Σᵢ 2cᵢ yᵢ ξᵢ x̃ᵢ with ξᵢ = (1 − yᵢ fᵢ)₊, i.e. r = a − 2 c y ξ in coefficient space and
+    ‖∇‖² = rᵀ K r. Measured in w-space, not on the coefficients, because a is not unique when K
+    is singular (D < n). Scaled by ‖w‖ + ‖Σ 2cyξ x̃‖ (equal at the optimum) so that every cost,
+    from 0.5¹⁹ to 100, is judged alike.
+    """
+    hinge = 2 * C * Y * (1 - Y * F).clamp_min(0)
+    r = A - hinge
+    Kr = torch.bmm(K, r)
+    grad = (r * Kr).sum(1).clamp_min(0).sqrt()
+    w = (A * F).sum(1).clamp_min(0).sqrt()
+    h = (hinge * (F - Kr)).sum(1).clamp_min(0).sqrt()
+    return grad / (w + h).clamp_min(1e-300)
 
 
 def _line_search(A: Tensor, F: Tensor, dA: Tensor, dF: Tensor, Y: Tensor, C: Tensor, iters: int = 30) -> Tensor:
     """Exact minimiser t ∈ (0, 1] of the primal along A + t dA (piecewise quadratic in t), shape (G, P).
 
-    φ'(t) = aᵀK dA + t dAᵀK dA − 2 Σ cᵢ yᵢ dFᵢ (1 − yᵢ(Fᵢ + t dFᵢ))₊ is increasing; t = 1 when
-    φ'(1) ≤ 0 (the usual full Newton step), else safeguarded Newton/bisection on φ' over [0, 1].
+    φ'(t) = aᵀK dA + t dAᵀK dA − 2 Σ cᵢ yᵢ dFᵢ (1 − yᵢ(Fᵢ + t dFᵢ))₊ is increasing. The full Newton
+    step t = 1 is taken when φ'(1) ≤ 0 *or is zero to rounding*: near the solution φ'(1) is a tiny
+    number of either sign, and treating a positive rounding error as an overshoot would halve a
+    step that is exact. Otherwise safeguarded Newton/bisection on φ' over [0, 1]; each problem stops
+    at the first t where φ' is zero to rounding, and keeps that t.
     """
-    a_g = (A * dF).sum(1)
-    d_g = (dA * dF).sum(1)
-    ydF = Y * dF
-    t = torch.ones_like(a_g)
-    slack = 1 - Y * F - ydF
-    g1 = a_g + d_g - 2 * (C * ydF * slack * (slack > 0)).sum(1)
-    sel = (g1 > 0).nonzero(as_tuple=True)
-    if sel[0].numel() == 0:
-        return t
-    # Only the problems whose full step overshoots: gather their rows once, (B, n).
-    cs, yd, base = C[sel[0], :, sel[1]], ydF[sel[0], :, sel[1]], (1 - Y * F)[sel[0], :, sel[1]]
-    ag, dg = a_g[sel], d_g[sel]
-    lo, hi = torch.zeros_like(ag), torch.ones_like(ag)
-    ts = hi.clone()
-    for _ in range(iters):
-        sl = base - ts[:, None] * yd
-        w = cs * yd * (sl > 0)
-        g = ag + ts * dg - 2 * (w * sl).sum(1)
-        h = dg + 2 * (w * yd).sum(1)
-        hi = torch.where(g > 0, ts, hi)
-        lo = torch.where(g <= 0, ts, lo)
-        newton = ts - g / h.clamp_min(1e-300)
-        ts = torch.where((newton > lo) & (newton < hi), newton, (lo + hi) / 2)
-        if bool((g.abs() <= 1e-12 * (1 + ag.abs())).all()):
-            break
-    t[sel] = ts
-    return t
+    G, n, P = A.shape
+
+    def rows(x: Tensor) -> Tensor:  # (G, n, P) -> (G·P, n), one row per problem
+        return x.transpose(1, 2).reshape(G * P, n)
+
+    ag, dg = (A * dF).sum(1).reshape(-1), (dA * dF).sum(1).reshape(-1)
+    c, yd, base = rows(C), rows(Y * dF), rows(1 - Y * F)
+    t = torch.ones_like(ag)
+    g, h, tol = _slope(t, ag, dg, c, yd, base)
+    sel = (g > tol).nonzero().squeeze(1)
+    if sel.numel():
+        # Only the problems whose full step overshoots: gather their rows once, (B, n).
+        ag, dg, c, yd, base = ag[sel], dg[sel], c[sel], yd[sel], base[sel]
+        lo, hi = torch.zeros_like(ag), torch.ones_like(ag)
+        ts = hi.clone()
+        g, h, tol = g[sel], h[sel], tol[sel]
+        for _ in range(iters):
+            live = g.abs() > tol  # a problem stops at the first t where φ' is zero to rounding
+            if not bool(live.any()):
+                break
+            hi = torch.where(g > 0, ts, hi)
+            lo = torch.where(g <= 0, ts, lo)
+            newton = ts - g / h.clamp_min(1e-300)
+            step = torch.where((newton > lo) & (newton < hi), newton, (lo + hi) / 2)
+            ts = torch.where(live, step, ts)
+            g, h, tol = _slope(ts, ag, dg, c, yd, base)
+        t[sel] = ts
+    return t.reshape(G, P)
+
+
+def _slope(t: Tensor, ag: Tensor, dg: Tensor, c: Tensor, yd: Tensor, base: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """φ'(t), φ''(t) and the rounding level of φ'(t) for problems laid out as rows (B, n).
+
+    The rounding level is 1e-12 × the sum of the magnitudes of φ'(t)'s terms, plus 1e-15 φ''(t)
+    (a Newton correction below 1e-15 in t cannot be represented next to t = 1 anyway).
+    """
+    slack = base - t[:, None] * yd
+    w = c * yd * (slack > 0)
+    hinge = w * slack
+    g = ag + t * dg - 2 * hinge.sum(1)
+    h = dg + 2 * (w * yd).sum(1)
+    scale = ag.abs() + (t * dg).abs() + 2 * hinge.abs().sum(1)
+    return g, h, 1e-12 * scale + 1e-15 * h
 
 
 def _solve_active_set(K: Tensor, Y: Tensor, Dinv: Tensor, S: Tensor, A0: Tensor, precond: Preconditioner | None,
@@ -525,8 +596,7 @@ def _voc07_gram(xtr: np.ndarray, targets: np.ndarray, xte: np.ndarray, costs: li
     W = torch.as_tensor(xtr, dtype=dtype, device=device).T @ A[0]  # (D, n_cls)
     bias = intercept_scaling**2 * A[0].sum(0)
     scores = (torch.as_tensor(xte, dtype=dtype, device=device) @ W + bias).cpu().numpy()
-    return cv_ap, scores, {"newton": stats.newton, "cg_iters": stats.cg, "direct_solves": stats.direct,
-                           "unconverged": stats.unconverged}
+    return cv_ap, scores, stats.as_dict()
 
 
 # ---------------------------------------------------------------------------------------------
