@@ -206,7 +206,7 @@ def nystrom(K: Tensor, rank: int = 128, iters: int = 3, seed: int = 0) -> Precon
 
 @dataclass
 class FitStats:
-    """Work and health counters summed over every `fit_dual` call that shares this object.
+    """Work and health counters summed over every `fit` call that shares this object.
 
     `unconverged`: problems still changing after `max_newton` iterations; `kkt_failures`: returned
     solutions whose optimality residual (`kkt_residual`) exceeds the tolerance. Both should be 0;
@@ -227,17 +227,115 @@ class FitStats:
 KKT_TOL = 1e-6  # relative gradient norm accepted as optimal (see kkt_residual)
 
 
-def fit_dual(K: Tensor, Y: Tensor, C: Tensor, *, init: tuple[Tensor, Tensor] | None = None,
-             precond: Preconditioner | None = None, direct_max: int = 1536, cg_cond: float = 200.0,
-             tol: float = 1e-10, max_newton: int = 60, stats: FitStats | None = None) -> tuple[Tensor, Tensor]:
-    """Minimise ½‖w‖² + Σᵢ cᵢ max(0, 1 − yᵢ wᵀx̃ᵢ)² for a batch of problems sharing a Gram matrix.
+class GramSystem:
+    """Problems in dual coefficients over the rows, w = Σ aᵢ x̃ᵢ, sharing K = X̃X̃ᵀ (G, n, n).
 
-    K: (G, n, n) Gram matrices (bias included); Y: (G, n, P) targets ±1; C: (G, n, P) per-row costs,
-    0 for rows outside a problem's training set (held-out folds, unsampled rows). Returns the
-    coefficients A (w = Σ aᵢ x̃ᵢ, zero off the training rows) and F = K A, the decision values of
-    every row. `init` = (A, F) of a nearby problem (the previous cost) warm-starts the iteration.
-    A system uses PCG when its preconditioned condition number, bounded by 1 + λ_r·2c_max, is
-    below `cg_cond` and either |S| > direct_max or PCG is estimated cheaper; else a batched Cholesky.
+    Newton's system is (K_SS + diag(1/(2cᵢ))) a_S = y_S: |S|² per problem, whatever D is, which is
+    the cheap side at the protocol's 8192–9216 dims. Solved by a batched Cholesky, or by PCG when
+    its preconditioned condition number, bounded by 1 + λ_r·2c_max, is below `cg_cond` and either
+    |S| > direct_max or PCG is estimated cheaper.
+    """
+
+    def __init__(self, K: Tensor, precond: Preconditioner | None = None, direct_max: int = 1536,
+                 cg_cond: float = 200.0) -> None:
+        self.K, self.precond, self.direct_max, self.cg_cond = K, precond, direct_max, cg_cond
+
+    def zeros(self, Y: Tensor) -> Tensor:
+        return torch.zeros_like(Y)
+
+    def prepare(self, C: Tensor) -> None:
+        """Nothing to carry between fits: K does not depend on the costs."""
+
+    def solve(self, Y: Tensor, C: Tensor, S: Tensor, A: Tensor, cols: Tensor, stats: FitStats) -> Tensor:
+        Dinv = 2 * C  # 1/d with d = 1/(2c); zero off the training rows
+        return _solve_active_set(self.K, Y, Dinv, S, A, self.precond, self.direct_max, self.cg_cond, stats)
+
+    def apply(self, A: Tensor) -> Tensor:
+        return torch.bmm(self.K, A)
+
+    def inner(self, A: Tensor, B: Tensor, FB: Tensor) -> Tensor:
+        return (A * FB).sum(1)
+
+    def gradient_norms(self, A: Tensor, F: Tensor, hinge: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # In w-space, not on the coefficients: a is not unique when K is singular (D < n).
+        r = A - hinge
+        Kr = torch.bmm(self.K, r)
+        return tuple((u * Ku).sum(1).clamp_min(0).sqrt() for u, Ku in ((r, Kr), (A, F), (hinge, F - Kr)))
+
+
+class FeatureSystem:
+    """Problems in feature space: the coefficients are w ∈ R^{D+1} itself, X̃ = [X, s] (n, D+1), G = 1.
+
+    Newton's system is (I + 2 X̃ᵀ diag(c·[i ∈ S]) X̃) w = 2 X̃ᵀ (c·[i ∈ S]·y): (D+1)² per problem
+    instead of |S|², the cheap side when D + 1 is small next to n (a 512-d layer against VOC's 5011
+    trainval rows). M = X̃ᵀ diag(c·[i ∈ S]) X̃ is kept between Newton steps and between fits and
+    updated with only the rows whose term changed; when every cost of a problem is multiplied by
+    one factor (the next cost on the grid) M is rescaled, not rebuilt.
+    """
+
+    def __init__(self, X: Tensor) -> None:
+        self.X = X
+        self.C: Tensor | None = None  # (n, P) costs M was built for
+        self.CS = self.M = None  # (n, P) c·[i ∈ S] and (P, D+1, D+1) M
+
+    def zeros(self, Y: Tensor) -> Tensor:
+        return Y.new_zeros(1, self.X.shape[1], Y.shape[2])
+
+    def prepare(self, C: Tensor) -> None:
+        C = C[0]
+        if self.C is not None and self.C.shape == C.shape and torch.equal(self.C > 0, C > 0):
+            ratio = C.amax(0) / self.C.amax(0).clamp_min(1e-300)
+            if torch.allclose(C, self.C * ratio, rtol=1e-12, atol=0):
+                self.M *= ratio[:, None, None]
+                self.CS *= ratio
+                self.C = C
+                return
+        d = self.X.shape[1]
+        self.C, self.CS = C, torch.zeros_like(C)
+        self.M = C.new_zeros(C.shape[1], d, d)
+
+    def solve(self, Y: Tensor, C: Tensor, S: Tensor, A: Tensor, cols: Tensor, stats: FitStats) -> Tensor:
+        cs = C[0] * S[0]  # (n, p)
+        delta = cs - self.CS[:, cols]
+        every = len(cols) == self.M.shape[0]
+        M = self.M if every else self.M[cols]
+        for j in range(len(cols)):  # per problem: only its own changed rows (few, along a warm-started path)
+            rows = delta[:, j].nonzero().squeeze(1)
+            if rows.numel():
+                Xr = self.X[rows]
+                M[j].addmm_(Xr.T, delta[rows, j, None] * Xr)
+        if not every:
+            self.M[cols] = M
+        self.CS[:, cols] = cs
+        H = 2 * M
+        H.diagonal(dim1=1, dim2=2).add_(1)
+        b = 2 * (self.X.T @ (cs * Y[0])).T[:, :, None]  # (p, D+1, 1)
+        L = torch.linalg.cholesky(H)  # I + PSD: always positive definite
+        half = torch.linalg.solve_triangular(L, b, upper=False)
+        stats.direct += len(cols)
+        return torch.linalg.solve_triangular(L.transpose(1, 2), half, upper=True)[:, :, 0].T[None]
+
+    def apply(self, A: Tensor) -> Tensor:
+        return (self.X @ A[0])[None]
+
+    def inner(self, A: Tensor, B: Tensor, FB: Tensor) -> Tensor:
+        return (A * B).sum(1)
+
+    def gradient_norms(self, A: Tensor, F: Tensor, hinge: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        pull = self.X.T @ hinge[0]
+        return tuple(v.norm(dim=0)[None] for v in (A[0] - pull, A[0], pull))
+
+
+def fit(system: GramSystem | FeatureSystem, Y: Tensor, C: Tensor, *, init: Tensor | None = None, tol: float = 1e-10,
+        max_newton: int = 60, stats: FitStats | None = None) -> tuple[Tensor, Tensor]:
+    """Minimise ½‖w‖² + Σᵢ cᵢ max(0, 1 − yᵢ wᵀx̃ᵢ)² for a batch of problems (the reference's LinearSVC objective).
+
+    Y: (G, n, P) targets ±1; C: (G, n, P) per-row costs, 0 for rows outside a problem's training set
+    (held-out folds, unsampled rows). Returns the coefficients A of `system` and F, the decision
+    values of every row (G, n, P). `init` = the coefficients of a nearby problem (the previous cost)
+    warm-starts the iteration. Each step is a primal Newton step on the active set
+    S = {i : yᵢ fᵢ < 1} (Chapelle 2007, "Training a support vector machine in the primal"; Keerthi &
+    DeCoste 2005) followed by an exact line search.
 
     A problem has converged when a *full* Newton step left its active set unchanged (the point then
     solves the optimality system of its own active set: Chapelle 2007, §4), or when the step taken
@@ -249,13 +347,10 @@ def fit_dual(K: Tensor, Y: Tensor, C: Tensor, *, init: tuple[Tensor, Tensor] | N
     and logged.
     """
     stats = stats if stats is not None else FitStats()
-    train = C > 0
-    Dinv = torch.where(train, 2 * C, torch.zeros_like(C))  # 1/d with d = 1/(2c)
-    if init is None:
-        A, F = torch.zeros_like(Y), torch.zeros_like(Y)
-    else:
-        A, F = (t.clone() for t in init)
-    S = train & (Y * F < 1)
+    system.prepare(C)
+    A = system.zeros(Y) if init is None else init.clone()
+    F = system.apply(A)
+    S = (C > 0) & (Y * F < 1)
     todo = torch.ones(Y.shape[2], dtype=torch.bool, device=Y.device)
     for _ in range(max_newton):
         cols = todo.nonzero().squeeze(1)
@@ -263,11 +358,10 @@ def fit_dual(K: Tensor, Y: Tensor, C: Tensor, *, init: tuple[Tensor, Tensor] | N
             break
         stats.newton += 1
         every = cols.numel() == todo.numel()
-        Ac, Fc, Sc, Yc, Cc, Dc = (t if every else t[:, :, cols] for t in (A, F, S, Y, C, Dinv))
-        target = _solve_active_set(K, Yc, Dc, Sc, Ac, precond, direct_max, cg_cond, stats)
-        dA = target - Ac
-        dF = torch.bmm(K, dA)
-        t = _line_search(Ac, Fc, dA, dF, Yc, Cc)[:, None, :]
+        Ac, Fc, Sc, Yc, Cc = (t if every else t[:, :, cols] for t in (A, F, S, Y, C))
+        dA = system.solve(Yc, Cc, Sc, Ac, cols, stats) - Ac
+        dF = system.apply(dA)
+        t = _line_search(system.inner(Ac, dA, dF), system.inner(dA, dA, dF), Fc, dF, Yc, Cc)[:, None, :]
         Ac, Fc = Ac + t * dA, Fc + t * dF
         S_new = (Cc > 0) & (Yc * Fc < 1)
         settled = (t[:, 0] == 1) & (S_new == Sc).all(dim=1)
@@ -281,8 +375,8 @@ def fit_dual(K: Tensor, Y: Tensor, C: Tensor, *, init: tuple[Tensor, Tensor] | N
     if todo.any():
         stats.unconverged += int(todo.sum())
         log.warning("SVM Newton solver: %d problem(s) did not converge in %d iterations", int(todo.sum()), max_newton)
-    F = torch.bmm(K, A)  # fresh decision values: no drift from the incremental updates
-    failed = int((kkt_residual(K, A, F, Y, C) > KKT_TOL).sum())
+    F = system.apply(A)  # fresh decision values: no drift from the incremental updates
+    failed = int((kkt_residual(system, A, F, Y, C) > KKT_TOL).sum())
     if failed:
         stats.kkt_failures += failed
         log.warning("SVM Newton solver: %d solution(s) fail the optimality check (relative gradient > %g)",
@@ -290,38 +384,39 @@ def fit_dual(K: Tensor, Y: Tensor, C: Tensor, *, init: tuple[Tensor, Tensor] | N
     return A, F
 
 
-def kkt_residual(K: Tensor, A: Tensor, F: Tensor, Y: Tensor, C: Tensor) -> Tensor:
-    """Relative norm of the primal gradient at w = Σ aᵢ x̃ᵢ, per problem (G, P); 0 at the exact optimum.
+def fit_dual(K: Tensor, Y: Tensor, C: Tensor, *, init: Tensor | None = None, precond: Preconditioner | None = None,
+             direct_max: int = 1536, max_newton: int = 60, stats: FitStats | None = None) -> tuple[Tensor, Tensor]:
+    """`fit` in dual coefficients over a batch of Gram matrices K (G, n, n); returns A and F = K A."""
+    return fit(GramSystem(K, precond, direct_max), Y, C, init=init, max_newton=max_newton, stats=stats)
 
-    ∇ = w − Σᵢ 2cᵢ yᵢ ξᵢ x̃ᵢ with ξᵢ = (1 − yᵢ fᵢ)₊, i.e. r = a − 2 c y ξ in coefficient space and
-    ‖∇‖² = rᵀ K r. Measured in w-space, not on the coefficients, because a is not unique when K
-    is singular (D < n). Scaled by ‖w‖ + ‖Σ 2cyξ x̃‖ (equal at the optimum) so that every cost,
-    from 0.5¹⁹ to 100, is judged alike.
+
+def kkt_residual(system: GramSystem | FeatureSystem, A: Tensor, F: Tensor, Y: Tensor, C: Tensor) -> Tensor:
+    """Relative norm of the primal gradient per problem (G, P); 0 at the exact optimum.
+
+    ∇ = w − Σᵢ hᵢ x̃ᵢ with hᵢ = 2cᵢ yᵢ (1 − yᵢ fᵢ)₊, scaled by ‖w‖ + ‖Σ hᵢ x̃ᵢ‖ (equal at the optimum)
+    so that every cost, from 0.5¹⁹ to 100, is judged alike.
     """
     hinge = 2 * C * Y * (1 - Y * F).clamp_min(0)
-    r = A - hinge
-    Kr = torch.bmm(K, r)
-    grad = (r * Kr).sum(1).clamp_min(0).sqrt()
-    w = (A * F).sum(1).clamp_min(0).sqrt()
-    h = (hinge * (F - Kr)).sum(1).clamp_min(0).sqrt()
-    return grad / (w + h).clamp_min(1e-300)
+    grad, w, pull = system.gradient_norms(A, F, hinge)
+    return grad / (w + pull).clamp_min(1e-300)
 
 
-def _line_search(A: Tensor, F: Tensor, dA: Tensor, dF: Tensor, Y: Tensor, C: Tensor, iters: int = 30) -> Tensor:
-    """Exact minimiser t ∈ (0, 1] of the primal along A + t dA (piecewise quadratic in t), shape (G, P).
+def _line_search(ag: Tensor, dg: Tensor, F: Tensor, dF: Tensor, Y: Tensor, C: Tensor, iters: int = 30) -> Tensor:
+    """Exact minimiser t ∈ (0, 1] of the primal along w + t dw (piecewise quadratic in t), shape (G, P).
 
-    φ'(t) = aᵀK dA + t dAᵀK dA − 2 Σ cᵢ yᵢ dFᵢ (1 − yᵢ(Fᵢ + t dFᵢ))₊ is increasing. The full Newton
+    ag = ⟨w, dw⟩ and dg = ‖dw‖² per problem; F, dF the decision values of w and dw.
+    φ'(t) = ag + t dg − 2 Σ cᵢ yᵢ dFᵢ (1 − yᵢ(Fᵢ + t dFᵢ))₊ is increasing. The full Newton
     step t = 1 is taken when φ'(1) ≤ 0 *or is zero to rounding*: near the solution φ'(1) is a tiny
     number of either sign, and treating a positive rounding error as an overshoot would halve a
     step that is exact. Otherwise safeguarded Newton/bisection on φ' over [0, 1]; each problem stops
     at the first t where φ' is zero to rounding, and keeps that t.
     """
-    G, n, P = A.shape
+    G, n, P = F.shape
 
     def rows(x: Tensor) -> Tensor:  # (G, n, P) -> (G·P, n), one row per problem
         return x.transpose(1, 2).reshape(G * P, n)
 
-    ag, dg = (A * dF).sum(1).reshape(-1), (dA * dF).sum(1).reshape(-1)
+    ag, dg = ag.reshape(-1), dg.reshape(-1)
     c, yd, base = rows(C), rows(Y * dF), rows(1 - Y * F)
     t = torch.ones_like(ag)
     g, h, tol = _slope(t, ag, dg, c, yd, base)
@@ -507,10 +602,12 @@ def test_aps(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def voc07_svm(train_x: np.ndarray, train_labels: np.ndarray, test_x: np.ndarray, test_labels: np.ndarray,
               costs: Sequence[float], *, solver: str = "gram", n_splits: int = 3, intercept_scaling: float = 1.0,
               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64, progress: bool | None = None,
-              direct_max: int = 1536) -> SvmResult:
+              direct_max: int = 1536, space: str | None = None) -> SvmResult:
     """The full protocol on one layer's features: CV per (class, cost), per-class best cost, refit, test AP.
 
     Features are L2-normalised here (float64); labels are N x C with 1 / 0 / -1 (difficult).
+    `space` (gram solver only): `gram` or `features`; by default `newton_space` picks it by shape.
+    `info` holds the solver's counters, `unconverged` and `kkt_failures` among them.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown SVM solver {solver!r}; known: {', '.join(SOLVERS)}")
@@ -523,8 +620,11 @@ def voc07_svm(train_x: np.ndarray, train_labels: np.ndarray, test_x: np.ndarray,
         scores = test_scores[np.arange(len(chosen)), chosen].T
         info: dict[str, Any] = {}
     else:
-        cv_ap, scores, info = _voc07_gram(xtr, targets, xte, costs, n_splits, intercept_scaling, device, dtype,
-                                          progress, direct_max)
+        space = space or newton_space(*xtr.shape)
+        if space not in ("gram", "features"):
+            raise ValueError(f"unknown Newton space {space!r}; known: gram, features")
+        cv_ap, scores, info = _voc07_newton(xtr, targets, xte, costs, n_splits, intercept_scaling, device, dtype,
+                                            progress, direct_max, space)
         chosen = choose_costs(cv_ap)
     return SvmResult(test_aps(scores, test_labels), cv_ap, costs, [costs[i] for i in chosen], solver, info)
 
@@ -558,12 +658,26 @@ def _voc07_sklearn(xtr: np.ndarray, targets: np.ndarray, xte: np.ndarray, costs:
     return cv_ap, test_scores
 
 
-def _voc07_gram(xtr: np.ndarray, targets: np.ndarray, xte: np.ndarray, costs: list[float], n_splits: int,
-                intercept_scaling: float, device: torch.device | str, dtype: torch.dtype, progress: bool | None,
-                direct_max: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def newton_space(n: int, d: int) -> str:
+    """Where the Newton systems are cheaper: `features` ((D+1)² per problem) when D + 1 ≤ n / 3, else
+    `gram` (|S|² per problem, |S| ≤ n). Measured in perf/RESULTS.md: at VOC07's 5011 trainval rows
+    the feature space wins at 512-d, the Gram space at 2048-d and at the protocol's 8192–9216-d."""
+    return "features" if 3 * (d + 1) <= n else "gram"
+
+
+def _voc07_newton(xtr: np.ndarray, targets: np.ndarray, xte: np.ndarray, costs: list[float], n_splits: int,
+                  intercept_scaling: float, device: torch.device | str, dtype: torch.dtype, progress: bool | None,
+                  direct_max: int, space: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """All (class, fold) CV problems as columns of one batch along the ascending cost path, then one
+    refit per class at its chosen cost, warm-started from the mean of its fold solutions."""
     n, n_cls = targets.shape
-    K = gram(xtr, intercept_scaling=intercept_scaling, device=device, dtype=dtype)[None]
-    precond = nystrom(K) if n >= PRECOND_MIN_ROWS else None
+    xtr_t = torch.as_tensor(xtr, dtype=dtype, device=device)
+    if space == "features":
+        bias = torch.full((n, 1), intercept_scaling, dtype=dtype, device=device)
+        system: GramSystem | FeatureSystem = FeatureSystem(torch.cat([xtr_t, bias], dim=1))
+    else:
+        K = gram(xtr_t, intercept_scaling=intercept_scaling, device=device, dtype=dtype)[None]
+        system = GramSystem(K, nystrom(K) if n >= PRECOND_MIN_ROWS else None, direct_max)
     Yall = torch.as_tensor(targets, dtype=dtype, device=device)
     folds = np.stack([stratified_folds(targets[:, c], n_splits) for c in range(n_cls)], axis=1)  # (n, n_cls)
     # CV problems: column (c, f) trains class c on the rows outside fold f.
@@ -575,28 +689,28 @@ def _voc07_gram(xtr: np.ndarray, targets: np.ndarray, xte: np.ndarray, costs: li
     labels_np = (targets > 0)
     cv_ap = np.zeros((n_cls, len(costs)))
     stats = FitStats()
-    state = None
-    fold_mean = []  # per cost: the fold solutions averaged per class, to warm-start the refit
-    order = np.argsort(costs, kind="stable")
-    for j in tqdm(order, desc="svm cv (gram)", disable=_quiet(progress)):
-        C = costs[j] * pos * train
-        state = fit_dual(K, Y, C, init=state, precond=precond, direct_max=direct_max, stats=stats)
-        fold_mean.append((j, state[0][0].reshape(n, n_cls, n_splits).mean(2)))
-        F = state[1][0].cpu().numpy()
+    A = None
+    fold_mean = {}  # per cost: the fold solutions averaged per class, to warm-start the refit
+    for j in tqdm(np.argsort(costs, kind="stable"), desc=f"svm cv ({space})", disable=_quiet(progress)):
+        A, F = fit(system, Y, costs[j] * pos * train, init=A, stats=stats)
+        fold_mean[int(j)] = A[0].reshape(-1, n_cls, n_splits).mean(2)
+        F = F[0].cpu().numpy()
         for c in range(n_cls):
             cv_ap[c, j] = np.mean([_fold_ap(labels_np[:, c], held_np[:, c * n_splits + f], F[:, c * n_splits + f])
                                    for f in range(n_splits)])
     chosen = choose_costs(cv_ap)
     C_final = torch.as_tensor([costs[i] for i in chosen], dtype=dtype, device=device)
     pos_final = (Yall > 0).to(dtype) * (POS_WEIGHT - 1) + 1
-    by_cost = dict(fold_mean)
-    A0 = torch.stack([by_cost[int(i)][:, c] for c, i in enumerate(chosen)], dim=1)[None]
-    A, _ = fit_dual(K, Yall[None], (pos_final * C_final)[None], init=(A0, torch.bmm(K, A0)), precond=precond,
-                    direct_max=direct_max, stats=stats)
-    W = torch.as_tensor(xtr, dtype=dtype, device=device).T @ A[0]  # (D, n_cls)
-    bias = intercept_scaling**2 * A[0].sum(0)
-    scores = (torch.as_tensor(xte, dtype=dtype, device=device) @ W + bias).cpu().numpy()
-    return cv_ap, scores, stats.as_dict()
+    A0 = torch.stack([fold_mean[int(i)][:, c] for c, i in enumerate(chosen)], dim=1)[None]
+    if space == "features":
+        system = FeatureSystem(system.X)  # new problems (all rows, one column per class): a fresh M
+    A, _ = fit(system, Yall[None], (pos_final * C_final)[None], init=A0, stats=stats)
+    xte_t = torch.as_tensor(xte, dtype=dtype, device=device)
+    if space == "features":
+        scores = xte_t @ A[0, :-1] + intercept_scaling * A[0, -1]
+    else:
+        scores = xte_t @ (xtr_t.T @ A[0]) + intercept_scaling**2 * A[0].sum(0)
+    return cv_ap, scores.cpu().numpy(), {"space": space, **stats.as_dict()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -111,22 +111,24 @@ def test_pcg_path_matches_direct_path():
     assert stats.unconverged == 0 and stats.kkt_failures == 0
 
 
+def _one(v: float) -> torch.Tensor:
+    return torch.tensor([[[v]]], dtype=torch.float64)  # G = n = P = 1
+
+
 def test_line_search_takes_the_full_step_when_the_slope_is_a_rounding_error():
     """φ'(1) = +8.7e-19 with φ''(1) ≈ 1: the minimiser is 1 − 1e-18, i.e. t = 1 in floats. The Newton
     update rounds to 1.0 and fails the strict bracket; the step must still be 1, not the bisection
-    midpoint 0.5 (which fit_dual then took for convergence, returning a half step)."""
-    one = lambda v: torch.tensor([[[v]]], dtype=torch.float64)  # noqa: E731 (G = n = P = 1)
-    a, f, df, c = 2.0**-40, 1 - 2.0**-20 - 2.0**-40, 2.0**-20, 2.0**39  # slack at t = 1: exactly 2^-40
-    t = svm._line_search(one(a), one(f), one(1.0), one(df), one(1.0), one(c))
+    midpoint 0.5 (which the solver then took for convergence, returning a half step)."""
+    w, f, df, c = 2.0**-40, 1 - 2.0**-20 - 2.0**-40, 2.0**-20, 2.0**39  # slack at t = 1: exactly 2^-40
+    t = svm._line_search(_one(w * df)[0], _one(df)[0], _one(f), _one(df), _one(1.0), _one(c))
     assert t.item() == 1.0
 
 
 def test_line_search_finds_the_exact_minimiser():
-    # One row, y = 1, K = 1: φ(t) = ½(a + t d)² + c (1 − a − t d)₊², minimised at a + t d = 2c / (1 + 2c).
-    a, d, c = 0.0, 1.0, 0.25
-    one = lambda v: torch.tensor([[[v]]], dtype=torch.float64)  # noqa: E731
-    t = svm._line_search(one(a), one(a), one(d), one(d), one(1.0), one(c)).item()
-    assert t == pytest.approx((2 * c / (1 + 2 * c) - a) / d, rel=1e-12)
+    # One row, y = 1, x̃ = 1: φ(t) = ½(w + t d)² + c (1 − w − t d)₊², minimised at w + t d = 2c / (1 + 2c).
+    w, d, c = 0.0, 1.0, 0.25
+    t = svm._line_search(_one(w * d)[0], _one(d * d)[0], _one(w), _one(d), _one(1.0), _one(c)).item()
+    assert t == pytest.approx((2 * c / (1 + 2 * c) - w) / d, rel=1e-12)
 
 
 def _liblinear(x: np.ndarray, y: np.ndarray, cost: float, tight: bool) -> LinearSVC:
@@ -146,11 +148,11 @@ def test_warm_started_cost_path_matches_liblinear_when_d_exceeds_n():
     K, Kte = svm.gram(xtr)[None], svm.gram(xte, xtr)
     Y = torch.as_tensor(y)[None, :, None]
     weight = (Y > 0).double() + 1
-    stats, state, path = svm.FitStats(), None, {}
+    stats, A, path = svm.FitStats(), None, {}
     for cost in sorted(svm.cost_grid("mmselfsup")):
-        state = svm.fit_dual(K, Y, weight * cost, init=state, stats=stats)
-        path[cost] = state[0]
-        ours = (Kte @ state[0][0, :, 0]).numpy()
+        A, _ = svm.fit_dual(K, Y, weight * cost, init=A, stats=stats)
+        path[cost] = A
+        ours = (Kte @ A[0, :, 0]).numpy()
         tight = _liblinear(xtr, y, cost, tight=True).decision_function(xte)
         np.testing.assert_allclose(ours, tight, rtol=0, atol=1e-8 * np.abs(tight).max())
         ref = _liblinear(xtr, y, cost, tight=False).decision_function(xte)
@@ -159,7 +161,7 @@ def test_warm_started_cost_path_matches_liblinear_when_d_exceeds_n():
     # A warm start that is no solution at all (the mean of two other costs' solutions, like the refit's
     # start from the fold means) must still end at the optimum.
     blend = (path[0.5**4] + path[10.0]) / 2
-    A, F = svm.fit_dual(K, Y, weight * 1.0, init=(blend, torch.bmm(K, blend)), stats=stats)
+    A, F = svm.fit_dual(K, Y, weight * 1.0, init=blend, stats=stats)
     tight = _liblinear(xtr, y, 1.0, tight=True)
     np.testing.assert_allclose(F[0, :, 0].numpy(), tight.decision_function(xtr), atol=1e-8)
     assert stats.unconverged == 0 and stats.kkt_failures == 0
@@ -171,9 +173,10 @@ def test_kkt_check_counts_and_reports_bad_solutions(caplog):
     K, Y = svm.gram(x)[None], torch.as_tensor(svm.svm_targets(labels[:, 0]))[None, :, None].repeat(1, 1, 3)
     C = ((Y > 0).double() + 1) * torch.tensor([0.5**8, 1.0, 100.0]).double()  # three costs as columns
     A, F = svm.fit_dual(K, Y, C)
-    assert svm.kkt_residual(K, A, F, Y, C).max() < 1e-9
+    system = svm.GramSystem(K)
+    assert svm.kkt_residual(system, A, F, Y, C).max() < 1e-9
     # Half a step from zero, the failure this check exists for: clearly not optimal.
-    assert (svm.kkt_residual(K, A / 2, F / 2, Y, C) > 0.1).all()
+    assert (svm.kkt_residual(system, A / 2, F / 2, Y, C) > 0.1).all()
     # One Newton iteration from zero cannot finish the large costs: counted, logged.
     stats = svm.FitStats()
     with caplog.at_level("WARNING", logger="densecl_bench.svm"):
@@ -197,6 +200,26 @@ def test_voc07_protocol_within_0_1_map_of_linearsvc():
     assert abs(ours.map - ref.map) < 0.1
     # Our fits are exact, the reference's stop at liblinear's tol 1e-4: CV APs agree to that accuracy.
     np.testing.assert_allclose(ours.cv_ap, ref.cv_ap, atol=2e-3)
+
+
+def test_feature_space_path_matches_gram_path_and_liblinear():
+    """D + 1 ≤ n / 3 picks the feature-space Newton systems; they solve the same problems as the Gram
+    path (CV along the warm-started cost path, refit from the fold means), so every number agrees."""
+    x, labels = _features(400, 64, 4, seed=12)
+    xtr, ytr, xte, yte = x[:260], labels[:260], x[260:], labels[260:]
+    assert svm.newton_space(*xtr.shape) == "features" and svm.newton_space(260, 1024) == "gram"
+    costs = svm.cost_grid("mmselfsup")
+    feat = svm.voc07_svm(xtr, ytr, xte, yte, costs, progress=False)
+    gram = svm.voc07_svm(xtr, ytr, xte, yte, costs, progress=False, space="gram")
+    assert feat.info["space"] == "features" and gram.info["space"] == "gram"
+    for res in (feat, gram):
+        assert res.info["unconverged"] == 0 and res.info["kkt_failures"] == 0
+    np.testing.assert_allclose(feat.cv_ap, gram.cv_ap, atol=1e-9)
+    np.testing.assert_allclose(feat.ap, gram.ap, atol=1e-9)
+    # The refit at class 0's chosen cost equals liblinear's optimum.
+    scores = _refit_scores(xtr, ytr, xte, feat.chosen[0])
+    keep = yte[:, 0] != -1
+    assert feat.ap[0] == pytest.approx(svm.interpolated_ap(yte[keep, 0] == 1, scores[keep]), abs=1e-9)
 
 
 def test_difficult_are_train_negatives_and_dropped_at_test():
