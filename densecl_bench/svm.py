@@ -753,11 +753,12 @@ def draw_lowshot(labels: np.ndarray, ks: Sequence[int], n_samples: int, seed: in
 def lowshot_svm(train_x: np.ndarray, test_x: np.ndarray, test_labels: np.ndarray, draws: Sequence[LowshotDraw],
                 costs: Sequence[float], *, solver: str = "gram", cv_folds: int | None = None,
                 intercept_scaling: float = 1.0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
-                progress: bool | None = None, direct_max: int = 1536) -> dict[str, np.ndarray]:
+                progress: bool | None = None, direct_max: int = 1536) -> dict[str, Any]:
     """Train per draw, class and cost on the drawn rows (no CV), test on the full test set.
 
     Returns `test_ap`: (n_draws, n_classes, n_costs) test AP (fraction); with `cv_folds`, also
-    `cv_ap` of the same shape: the mean stratified-CV AP on the drawn rows (for the `cv` variant).
+    `cv_ap` of the same shape: the mean stratified-CV AP on the drawn rows (for the `cv` variant);
+    with the gram solver, `solver_stats` (the Newton counters, `kkt_failures` among them).
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown SVM solver {solver!r}; known: {', '.join(SOLVERS)}")
@@ -770,10 +771,11 @@ def lowshot_svm(train_x: np.ndarray, test_x: np.ndarray, test_labels: np.ndarray
         K = gram(xtr, intercept_scaling=intercept_scaling, device=device, dtype=dtype)
         Kte = gram(xte, xtr, intercept_scaling=intercept_scaling, device=device, dtype=dtype)
         precond = nystrom(K[None]) if len(xtr) >= PRECOND_MIN_ROWS else None
+    stats = FitStats()
     bar = tqdm(total=len(draws) * n_cls, desc=f"low-shot svm ({solver})", disable=_quiet(progress))
     for i, draw in enumerate(draws):
         if solver == "gram":
-            scores, cv = _lowshot_gram(K, Kte, precond, draw.targets, costs, cv_folds, direct_max, bar)
+            scores, cv = _lowshot_gram(K, Kte, precond, draw.targets, costs, cv_folds, direct_max, bar, stats)
         for c in range(n_cls):
             keep = test_labels[:, c] != -1
             if solver == "sklearn":
@@ -790,14 +792,16 @@ def lowshot_svm(train_x: np.ndarray, test_x: np.ndarray, test_labels: np.ndarray
                     cv_ap[i, c] = cv[c]
             test_ap[i, c] = interpolated_ap_columns(test_labels[keep, c] == 1, scores_c[keep])
     bar.close()
-    out = {"test_ap": test_ap}
+    out: dict[str, Any] = {"test_ap": test_ap}
     if cv_ap is not None:
         out["cv_ap"] = cv_ap
+    if solver == "gram":
+        out["solver_stats"] = stats.as_dict()
     return out
 
 
 def _lowshot_gram(K: Tensor, Kte: Tensor, precond: Preconditioner | None, targets: np.ndarray, costs: list[float],
-                  cv_folds: int | None, direct_max: int, bar: tqdm, budget: int = 2**25
+                  cv_folds: int | None, direct_max: int, bar: tqdm, stats: FitStats, budget: int = 2**25
                   ) -> tuple[list[np.ndarray], list[list[float]]]:
     """One draw: classes batched as groups over their own rows (padded with untrained rows), costs
     (x folds) as columns. Returns per-class test scores (n_test, n_costs) and CV APs per cost."""
@@ -832,13 +836,13 @@ def _lowshot_gram(K: Tensor, Kte: Tensor, precond: Preconditioner | None, target
         C = weight * cost * torch.as_tensor(train, dtype=K.dtype, device=K.device)
         pre = None if precond is None else Preconditioner(precond.U[0][tidx], precond.lam.expand(len(classes), -1))
         if not cv_folds:
-            A, _ = fit_dual(Ksub, Y, C, precond=pre, direct_max=direct_max)
+            A, _ = fit_dual(Ksub, Y, C, precond=pre, direct_max=direct_max, stats=stats)
             scores += [(Kte[:, tidx[g]] @ A[g]).cpu().numpy() for g in range(len(classes))]
         else:
             # CV columns first (one per cost and fold), then the full fits for the test scores.
-            _, F = fit_dual(Ksub, Y, C, precond=pre, direct_max=direct_max)
+            _, F = fit_dual(Ksub, Y, C, precond=pre, direct_max=direct_max, stats=stats)
             A, _ = fit_dual(Ksub, Y[:, :, :: n_f], (weight * cost)[:, :, :: n_f] * (Y[:, :, :: n_f] != 0),
-                            precond=pre, direct_max=direct_max)
+                            precond=pre, direct_max=direct_max, stats=stats)
             F = F.cpu().numpy()
             for g, c in enumerate(classes):
                 n = len(rows[c])

@@ -272,6 +272,7 @@ def test_lowshot_matches_sklearn_reference():
     ref = svm.lowshot_svm(xtr, xte, yte, draws, costs, solver="sklearn", cv_folds=2, progress=False)
     np.testing.assert_allclose(ours["test_ap"], ref["test_ap"], atol=1e-3)
     np.testing.assert_allclose(ours["cv_ap"], ref["cv_ap"], atol=1e-3)
+    assert ours["solver_stats"]["unconverged"] == 0 and ours["solver_stats"]["kkt_failures"] == 0
 
 
 def test_aggregate_lowshot_picks_best_mean_cost():
