@@ -94,7 +94,19 @@ def test_gram_solver_matches_liblinear():
         np.testing.assert_allclose(F[0, :, 0].numpy(), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
-def test_pcg_path_matches_direct_path():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pcg_path_matches_direct_path(threads):
+    """The guard from issue 8: on some machines one column came back exactly half the other (a halved
+    final Newton step taken for convergence). Run at 1 and 2 torch threads: the reductions differ."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _pcg_vs_direct()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _pcg_vs_direct() -> None:
     x, labels = _features(300, 60, 3, seed=4)
     x = svm.l2_normalize(x)
     K = svm.gram(x)[None]
