@@ -11,14 +11,17 @@ and any exact solver reproduces it. The `gram` solver here finds the same minimi
 
 * every fit shares the same rows, so the Gram matrix K = X Xᵀ + s² (s = intercept_scaling) is
   computed once and every fit lives in the span of its training rows, w = Σ aᵢ x̃ᵢ (representer);
+  when D + 1 is small next to n the same Newton systems are cheaper in feature space, w ∈ R^{D+1}
+  (`GramSystem` / `FeatureSystem`, picked by `newton_space`);
 * each fit is a primal Newton iteration on the active set S = {i : yᵢ f(xᵢ) < 1} (Chapelle 2007,
-  "Training a support vector machine in the primal"; Keerthi & DeCoste 2005): solve
-  (K_SS + diag(1/(2cᵢ))) a_S = y_S, take an exact line search, repeat until S stops changing;
-* the linear systems are solved by a batched Cholesky when S is small (large costs) and by
-  batched conjugate gradients, preconditioned by a Nyström factor of K, when S is large (small
-  costs, well conditioned); fits run in batches (classes × folds) and warm-start along the
+  "Training a support vector machine in the primal"; Keerthi & DeCoste 2005): solve the quadratic
+  that treats S as the violators, take an exact line search, stop after a full step that leaves S
+  unchanged, and check the optimality conditions of every returned solution (`kkt_residual`);
+* in Gram space the linear systems are solved by a batched Cholesky when S is small (large costs)
+  and by batched conjugate gradients, preconditioned by a Nyström factor of K, when S is large
+  (small costs, well conditioned); fits run in batches (classes × folds) and warm-start along the
   ascending cost path;
-* held-out and test decision values are rows of K a (or K_test a), so nothing is refitted to
+* held-out and test decision values come from the same coefficients, so nothing is refitted to
   score folds, and the final refit is done only at each class's chosen cost.
 
 `solver="sklearn"` runs the reference path literally (one LinearSVC per fit, refit at every cost
