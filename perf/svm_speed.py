@@ -76,7 +76,7 @@ def table(path: Path) -> str:
         same = sum(a == b for a, b in zip(ours["chosen"], ref["chosen"]))
         out.append(f"| {dim} | {n} + {ref['n_test']} | {ours['cpu_s']:.1f} ({ours['wall_s']:.1f}) "
                    f"| {ref['cpu_s']:.1f} ({ref['wall_s']:.1f}) | **{ref['cpu_s'] / ours['cpu_s']:.1f}x** "
-                   f"| {ours['map']:.2f} / {ref['map']:.2f} | {dap:.4f} | {same}/20 | {ours['info'].get('path', '')} |")
+                   f"| {ours['map']:.2f} / {ref['map']:.2f} | {dap:.4f} | {same}/20 | {ours['info'].get('space', '')} |")
     return "\n".join(out)
 
 
