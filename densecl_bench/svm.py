@@ -11,14 +11,17 @@ and any exact solver reproduces it. The `gram` solver here finds the same minimi
 
 * every fit shares the same rows, so the Gram matrix K = X Xᵀ + s² (s = intercept_scaling) is
   computed once and every fit lives in the span of its training rows, w = Σ aᵢ x̃ᵢ (representer);
+  when D + 1 is small next to n the same Newton systems are cheaper in feature space, w ∈ R^{D+1}
+  (`GramSystem` / `FeatureSystem`, picked by `newton_space`);
 * each fit is a primal Newton iteration on the active set S = {i : yᵢ f(xᵢ) < 1} (Chapelle 2007,
-  "Training a support vector machine in the primal"; Keerthi & DeCoste 2005): solve
-  (K_SS + diag(1/(2cᵢ))) a_S = y_S, take an exact line search, repeat until S stops changing;
-* the linear systems are solved by a batched Cholesky when S is small (large costs) and by
-  batched conjugate gradients, preconditioned by a Nyström factor of K, when S is large (small
-  costs, well conditioned); fits run in batches (classes × folds) and warm-start along the
+  "Training a support vector machine in the primal"; Keerthi & DeCoste 2005): solve the quadratic
+  that treats S as the violators, take an exact line search, stop after a full step that leaves S
+  unchanged, and check the optimality conditions of every returned solution (`kkt_residual`);
+* in Gram space the linear systems are solved by a batched Cholesky when S is small (large costs)
+  and by batched conjugate gradients, preconditioned by a Nyström factor of K, when S is large
+  (small costs, well conditioned); fits run in batches (classes × folds) and warm-start along the
   ascending cost path;
-* held-out and test decision values are rows of K a (or K_test a), so nothing is refitted to
+* held-out and test decision values come from the same coefficients, so nothing is refitted to
   score folds, and the final refit is done only at each class's chosen cost.
 
 `solver="sklearn"` runs the reference path literally (one LinearSVC per fit, refit at every cost
@@ -93,36 +96,41 @@ def sklearn_ap(y_true: np.ndarray, scores: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
+def reference_rank(scores: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Ranking by descending score exactly as svm_helper.py `get_precision_recall` makes it.
+
+    The reference calls `np.argsort(preds)[::-1]`: numpy's *default* sort (quicksort kind, not
+    stable), reversed. Tied scores therefore come out in whatever order that sort leaves them,
+    which depends on the numpy version and CPU (introsort in numpy 1.x; SIMD sorts on AVX2 /
+    AVX-512 since numpy 1.25), and the interpolated AP of a tied group depends on it (all scores
+    tied, one positive first of 8: AP 1.0 in input order, 0.125 reversed). Rather than emulate one
+    platform's order we make the same call, so our test AP equals the reference's on the same
+    install, ties included. Real features do tie: dead units, duplicate images, skipped images.
+    """
+    return np.flip(np.argsort(np.asarray(scores, dtype=np.float64), axis=axis), axis=axis)
+
+
 def interpolated_ap(y_true: np.ndarray, scores: np.ndarray) -> float:
     """All-point interpolated AP (VOC2010+ style), svm_helper.py `calculate_ap` on the test scores.
 
-    Rank by descending score (ties keep input order), cumulative precision/recall per rank, make
+    Rank as the reference does (`reference_rank`), cumulative precision/recall per rank, make
     precision monotone from the right, and sum precision × recall step where recall changes.
     NaN when there is no positive (the class cannot be scored).
+    """
+    return float(interpolated_ap_columns(y_true, np.asarray(scores)[:, None])[0])
+
+
+def interpolated_ap_columns(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """`interpolated_ap` for every column of `scores` (n, P) at once: one sort along axis 0.
+
+    numpy sorts each column of an axis-0 argsort through the same 1-D routine, so a column's order
+    (and its ties) is the one `np.argsort(column)` gives.
     """
     y = np.asarray(y_true).astype(bool)
     n_pos = int(y.sum())
     if n_pos == 0:
-        return float("nan")
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    tp = np.cumsum(y[order])
-    precision = tp / np.arange(1, len(y) + 1)
-    recall = tp / n_pos
-    mrec = np.r_[0.0, recall, 1.0]
-    mpre = np.r_[0.0, precision, 0.0]
-    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
-    steps = np.flatnonzero(mrec[1:] != mrec[:-1])
-    return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
-
-
-def interpolated_ap_columns(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """`interpolated_ap` for every column of `scores` (n, P) at once: one stable sort along axis 0."""
-    y = np.asarray(y_true).astype(bool)
-    n_pos = int(y.sum())
-    if n_pos == 0:
         return np.full(scores.shape[1], np.nan)
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), axis=0, kind="stable")
-    tp = np.cumsum(y[order], axis=0)
+    tp = np.cumsum(y[reference_rank(scores, axis=0)], axis=0)
     precision = tp / np.arange(1, len(y) + 1)[:, None]
     recall = tp / n_pos
     zeros, ones = np.zeros((1, tp.shape[1])), np.ones((1, tp.shape[1]))
@@ -201,32 +209,151 @@ def nystrom(K: Tensor, rank: int = 128, iters: int = 3, seed: int = 0) -> Precon
 
 @dataclass
 class FitStats:
+    """Work and health counters summed over every `fit` call that shares this object.
+
+    `unconverged`: problems still changing after `max_newton` iterations; `kkt_failures`: returned
+    solutions whose optimality residual (`kkt_residual`) exceeds the tolerance. Both should be 0;
+    the plugins put them into the ledger so a bad fit is never silent.
+    """
+
     newton: int = 0
     cg: int = 0
     direct: int = 0
     unconverged: int = 0
+    kkt_failures: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"newton": self.newton, "cg_iters": self.cg, "direct_solves": self.direct,
+                "unconverged": self.unconverged, "kkt_failures": self.kkt_failures}
 
 
-def fit_dual(K: Tensor, Y: Tensor, C: Tensor, *, init: tuple[Tensor, Tensor] | None = None,
-             precond: Preconditioner | None = None, direct_max: int = 1536, cg_cond: float = 200.0,
-             tol: float = 1e-10, max_newton: int = 60, stats: FitStats | None = None) -> tuple[Tensor, Tensor]:
-    """Minimise ½‖w‖² + Σᵢ cᵢ max(0, 1 − yᵢ wᵀx̃ᵢ)² for a batch of problems sharing a Gram matrix.
+KKT_TOL = 1e-6  # relative gradient norm accepted as optimal (see kkt_residual)
 
-    K: (G, n, n) Gram matrices (bias included); Y: (G, n, P) targets ±1; C: (G, n, P) per-row costs,
-    0 for rows outside a problem's training set (held-out folds, unsampled rows). Returns the
-    coefficients A (w = Σ aᵢ x̃ᵢ, zero off the training rows) and F = K A, the decision values of
-    every row. `init` = (A, F) of a nearby problem (the previous cost) warm-starts the iteration.
-    A system uses PCG when its preconditioned condition number, bounded by 1 + λ_r·2c_max, is
-    below `cg_cond` and either |S| > direct_max or PCG is estimated cheaper; else a batched Cholesky.
+
+class GramSystem:
+    """Problems in dual coefficients over the rows, w = Σ aᵢ x̃ᵢ, sharing K = X̃X̃ᵀ (G, n, n).
+
+    Newton's system is (K_SS + diag(1/(2cᵢ))) a_S = y_S: |S|² per problem, whatever D is, which is
+    the cheap side at the protocol's 8192–9216 dims. Solved by a batched Cholesky, or by PCG when
+    its preconditioned condition number, bounded by 1 + λ_r·2c_max, is below `cg_cond` and either
+    |S| > direct_max or PCG is estimated cheaper.
+    """
+
+    def __init__(self, K: Tensor, precond: Preconditioner | None = None, direct_max: int = 1536,
+                 cg_cond: float = 200.0) -> None:
+        self.K, self.precond, self.direct_max, self.cg_cond = K, precond, direct_max, cg_cond
+
+    def zeros(self, Y: Tensor) -> Tensor:
+        return torch.zeros_like(Y)
+
+    def prepare(self, C: Tensor) -> None:
+        """Nothing to carry between fits: K does not depend on the costs."""
+
+    def solve(self, Y: Tensor, C: Tensor, S: Tensor, A: Tensor, cols: Tensor, stats: FitStats) -> Tensor:
+        Dinv = 2 * C  # 1/d with d = 1/(2c); zero off the training rows
+        return _solve_active_set(self.K, Y, Dinv, S, A, self.precond, self.direct_max, self.cg_cond, stats)
+
+    def apply(self, A: Tensor) -> Tensor:
+        return torch.bmm(self.K, A)
+
+    def inner(self, A: Tensor, B: Tensor, FB: Tensor) -> Tensor:
+        return (A * FB).sum(1)
+
+    def gradient_norms(self, A: Tensor, F: Tensor, hinge: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # In w-space, not on the coefficients: a is not unique when K is singular (D < n).
+        r = A - hinge
+        Kr = torch.bmm(self.K, r)
+        return tuple((u * Ku).sum(1).clamp_min(0).sqrt() for u, Ku in ((r, Kr), (A, F), (hinge, F - Kr)))
+
+
+class FeatureSystem:
+    """Problems in feature space: the coefficients are w ∈ R^{D+1} itself, X̃ = [X, s] (n, D+1), G = 1.
+
+    Newton's system is (I + 2 X̃ᵀ diag(c·[i ∈ S]) X̃) w = 2 X̃ᵀ (c·[i ∈ S]·y): (D+1)² per problem
+    instead of |S|², the cheap side when D + 1 is small next to n (a 512-d layer against VOC's 5011
+    trainval rows). M = X̃ᵀ diag(c·[i ∈ S]) X̃ is kept between Newton steps and between fits and
+    updated with only the rows whose term changed; when every cost of a problem is multiplied by
+    one factor (the next cost on the grid) M is rescaled, not rebuilt.
+    """
+
+    def __init__(self, X: Tensor) -> None:
+        self.X = X
+        self.C: Tensor | None = None  # (n, P) costs M was built for
+        self.CS = self.M = None  # (n, P) c·[i ∈ S] and (P, D+1, D+1) M
+
+    def zeros(self, Y: Tensor) -> Tensor:
+        return Y.new_zeros(1, self.X.shape[1], Y.shape[2])
+
+    def prepare(self, C: Tensor) -> None:
+        C = C[0]
+        if self.C is not None and self.C.shape == C.shape and torch.equal(self.C > 0, C > 0):
+            ratio = C.amax(0) / self.C.amax(0).clamp_min(1e-300)
+            if torch.allclose(C, self.C * ratio, rtol=1e-12, atol=0):
+                self.M *= ratio[:, None, None]
+                self.CS *= ratio
+                self.C = C
+                return
+        d = self.X.shape[1]
+        self.C, self.CS = C, torch.zeros_like(C)
+        self.M = C.new_zeros(C.shape[1], d, d)
+
+    def solve(self, Y: Tensor, C: Tensor, S: Tensor, A: Tensor, cols: Tensor, stats: FitStats) -> Tensor:
+        cs = C[0] * S[0]  # (n, p)
+        delta = cs - self.CS[:, cols]
+        every = len(cols) == self.M.shape[0]
+        M = self.M if every else self.M[cols]
+        for j in range(len(cols)):  # per problem: only its own changed rows (few, along a warm-started path)
+            rows = delta[:, j].nonzero().squeeze(1)
+            if rows.numel():
+                Xr = self.X[rows]
+                M[j].addmm_(Xr.T, delta[rows, j, None] * Xr)
+        if not every:
+            self.M[cols] = M
+        self.CS[:, cols] = cs
+        H = 2 * M
+        H.diagonal(dim1=1, dim2=2).add_(1)
+        b = 2 * (self.X.T @ (cs * Y[0])).T[:, :, None]  # (p, D+1, 1)
+        L = torch.linalg.cholesky(H)  # I + PSD: always positive definite
+        half = torch.linalg.solve_triangular(L, b, upper=False)
+        stats.direct += len(cols)
+        return torch.linalg.solve_triangular(L.transpose(1, 2), half, upper=True)[:, :, 0].T[None]
+
+    def apply(self, A: Tensor) -> Tensor:
+        return (self.X @ A[0])[None]
+
+    def inner(self, A: Tensor, B: Tensor, FB: Tensor) -> Tensor:
+        return (A * B).sum(1)
+
+    def gradient_norms(self, A: Tensor, F: Tensor, hinge: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        pull = self.X.T @ hinge[0]
+        return tuple(v.norm(dim=0)[None] for v in (A[0] - pull, A[0], pull))
+
+
+def fit(system: GramSystem | FeatureSystem, Y: Tensor, C: Tensor, *, init: Tensor | None = None, tol: float = 1e-10,
+        max_newton: int = 60, stats: FitStats | None = None) -> tuple[Tensor, Tensor]:
+    """Minimise ½‖w‖² + Σᵢ cᵢ max(0, 1 − yᵢ wᵀx̃ᵢ)² for a batch of problems (the reference's LinearSVC objective).
+
+    Y: (G, n, P) targets ±1; C: (G, n, P) per-row costs, 0 for rows outside a problem's training set
+    (held-out folds, unsampled rows). Returns the coefficients A of `system` and F, the decision
+    values of every row (G, n, P). `init` = the coefficients of a nearby problem (the previous cost)
+    warm-starts the iteration. Each step is a primal Newton step on the active set
+    S = {i : yᵢ fᵢ < 1} (Chapelle 2007, "Training a support vector machine in the primal"; Keerthi &
+    DeCoste 2005) followed by an exact line search.
+
+    A problem has converged when a *full* Newton step left its active set unchanged (the point then
+    solves the optimality system of its own active set: Chapelle 2007, §4), or when the step taken
+    moved no decision value by more than `tol` (the iterate is as exact as the inner solves allow:
+    a PCG direction that is only noise gets t ≈ 0). A shortened step with an unchanged active set
+    never counts: from a warm start it would stop part-way between the previous solution and the
+    new one (a halved step gave A_prev + ½(target − A_prev)). Every returned solution is then
+    checked against the optimality conditions (`kkt_residual`); failures are counted in `stats`
+    and logged.
     """
     stats = stats if stats is not None else FitStats()
-    train = C > 0
-    Dinv = torch.where(train, 2 * C, torch.zeros_like(C))  # 1/d with d = 1/(2c)
-    if init is None:
-        A, F = torch.zeros_like(Y), torch.zeros_like(Y)
-    else:
-        A, F = (t.clone() for t in init)
-    S = train & (Y * F < 1)
+    system.prepare(C)
+    A = system.zeros(Y) if init is None else init.clone()
+    F = system.apply(A)
+    S = (C > 0) & (Y * F < 1)
     todo = torch.ones(Y.shape[2], dtype=torch.bool, device=Y.device)
     for _ in range(max_newton):
         cols = todo.nonzero().squeeze(1)
@@ -234,60 +361,102 @@ def fit_dual(K: Tensor, Y: Tensor, C: Tensor, *, init: tuple[Tensor, Tensor] | N
             break
         stats.newton += 1
         every = cols.numel() == todo.numel()
-        Ac, Fc, Sc, Yc, Cc, Dc = (t if every else t[:, :, cols] for t in (A, F, S, Y, C, Dinv))
-        target = _solve_active_set(K, Yc, Dc, Sc, Ac, precond, direct_max, cg_cond, stats)
-        dA = target - Ac
-        dF = torch.bmm(K, dA)
-        t = _line_search(Ac, Fc, dA, dF, Yc, Cc)[:, None, :]
+        Ac, Fc, Sc, Yc, Cc = (t if every else t[:, :, cols] for t in (A, F, S, Y, C))
+        dA = system.solve(Yc, Cc, Sc, Ac, cols, stats) - Ac
+        dF = system.apply(dA)
+        t = _line_search(system.inner(Ac, dA, dF), system.inner(dA, dA, dF), Fc, dF, Yc, Cc)[:, None, :]
         Ac, Fc = Ac + t * dA, Fc + t * dF
         S_new = (Cc > 0) & (Yc * Fc < 1)
-        step = (t * dF).abs().amax(dim=1)
-        scale = 1 + Fc.abs().amax(dim=1)
-        done = ((S_new == Sc).all(dim=1) | (step <= tol * scale)).all(dim=0)
+        settled = (t[:, 0] == 1) & (S_new == Sc).all(dim=1)
+        stalled = (t * dF).abs().amax(dim=1) <= tol * (1 + Fc.abs().amax(dim=1))
+        done = (settled | stalled).all(dim=0)
         if every:
             A, F, S = Ac, Fc, S_new
         else:
             A[:, :, cols], F[:, :, cols], S[:, :, cols] = Ac, Fc, S_new
         todo[cols[done]] = False
-    stats.unconverged += int(todo.sum())
     if todo.any():
+        stats.unconverged += int(todo.sum())
         log.warning("SVM Newton solver: %d problem(s) did not converge in %d iterations", int(todo.sum()), max_newton)
+    F = system.apply(A)  # fresh decision values: no drift from the incremental updates
+    failed = int((kkt_residual(system, A, F, Y, C) > KKT_TOL).sum())
+    if failed:
+        stats.kkt_failures += failed
+        log.warning("SVM Newton solver: %d solution(s) fail the optimality check (relative gradient > %g)",
+                    failed, KKT_TOL)
     return A, F
 
 
-def _line_search(A: Tensor, F: Tensor, dA: Tensor, dF: Tensor, Y: Tensor, C: Tensor, iters: int = 30) -> Tensor:
-    """Exact minimiser t ∈ (0, 1] of the primal along A + t dA (piecewise quadratic in t), shape (G, P).
+def fit_dual(K: Tensor, Y: Tensor, C: Tensor, *, init: Tensor | None = None, precond: Preconditioner | None = None,
+             direct_max: int = 1536, max_newton: int = 60, stats: FitStats | None = None) -> tuple[Tensor, Tensor]:
+    """`fit` in dual coefficients over a batch of Gram matrices K (G, n, n); returns A and F = K A."""
+    return fit(GramSystem(K, precond, direct_max), Y, C, init=init, max_newton=max_newton, stats=stats)
 
-    φ'(t) = aᵀK dA + t dAᵀK dA − 2 Σ cᵢ yᵢ dFᵢ (1 − yᵢ(Fᵢ + t dFᵢ))₊ is increasing; t = 1 when
-    φ'(1) ≤ 0 (the usual full Newton step), else safeguarded Newton/bisection on φ' over [0, 1].
+
+def kkt_residual(system: GramSystem | FeatureSystem, A: Tensor, F: Tensor, Y: Tensor, C: Tensor) -> Tensor:
+    """Relative norm of the primal gradient per problem (G, P); 0 at the exact optimum.
+
+    ∇ = w − Σᵢ hᵢ x̃ᵢ with hᵢ = 2cᵢ yᵢ (1 − yᵢ fᵢ)₊, scaled by ‖w‖ + ‖Σ hᵢ x̃ᵢ‖ (equal at the optimum)
+    so that every cost, from 0.5¹⁹ to 100, is judged alike.
     """
-    a_g = (A * dF).sum(1)
-    d_g = (dA * dF).sum(1)
-    ydF = Y * dF
-    t = torch.ones_like(a_g)
-    slack = 1 - Y * F - ydF
-    g1 = a_g + d_g - 2 * (C * ydF * slack * (slack > 0)).sum(1)
-    sel = (g1 > 0).nonzero(as_tuple=True)
-    if sel[0].numel() == 0:
-        return t
-    # Only the problems whose full step overshoots: gather their rows once, (B, n).
-    cs, yd, base = C[sel[0], :, sel[1]], ydF[sel[0], :, sel[1]], (1 - Y * F)[sel[0], :, sel[1]]
-    ag, dg = a_g[sel], d_g[sel]
-    lo, hi = torch.zeros_like(ag), torch.ones_like(ag)
-    ts = hi.clone()
-    for _ in range(iters):
-        sl = base - ts[:, None] * yd
-        w = cs * yd * (sl > 0)
-        g = ag + ts * dg - 2 * (w * sl).sum(1)
-        h = dg + 2 * (w * yd).sum(1)
-        hi = torch.where(g > 0, ts, hi)
-        lo = torch.where(g <= 0, ts, lo)
-        newton = ts - g / h.clamp_min(1e-300)
-        ts = torch.where((newton > lo) & (newton < hi), newton, (lo + hi) / 2)
-        if bool((g.abs() <= 1e-12 * (1 + ag.abs())).all()):
-            break
-    t[sel] = ts
-    return t
+    hinge = 2 * C * Y * (1 - Y * F).clamp_min(0)
+    grad, w, pull = system.gradient_norms(A, F, hinge)
+    return grad / (w + pull).clamp_min(1e-300)
+
+
+def _line_search(ag: Tensor, dg: Tensor, F: Tensor, dF: Tensor, Y: Tensor, C: Tensor, iters: int = 30) -> Tensor:
+    """Exact minimiser t ∈ (0, 1] of the primal along w + t dw (piecewise quadratic in t), shape (G, P).
+
+    ag = ⟨w, dw⟩ and dg = ‖dw‖² per problem; F, dF the decision values of w and dw.
+    φ'(t) = ag + t dg − 2 Σ cᵢ yᵢ dFᵢ (1 − yᵢ(Fᵢ + t dFᵢ))₊ is increasing. The full Newton
+    step t = 1 is taken when φ'(1) ≤ 0 *or is zero to rounding*: near the solution φ'(1) is a tiny
+    number of either sign, and treating a positive rounding error as an overshoot would halve a
+    step that is exact. Otherwise safeguarded Newton/bisection on φ' over [0, 1]; each problem stops
+    at the first t where φ' is zero to rounding, and keeps that t.
+    """
+    G, n, P = F.shape
+
+    def rows(x: Tensor) -> Tensor:  # (G, n, P) -> (G·P, n), one row per problem
+        return x.transpose(1, 2).reshape(G * P, n)
+
+    ag, dg = ag.reshape(-1), dg.reshape(-1)
+    c, yd, base = rows(C), rows(Y * dF), rows(1 - Y * F)
+    t = torch.ones_like(ag)
+    g, h, tol = _slope(t, ag, dg, c, yd, base)
+    sel = (g > tol).nonzero().squeeze(1)
+    if sel.numel():
+        # Only the problems whose full step overshoots: gather their rows once, (B, n).
+        ag, dg, c, yd, base = ag[sel], dg[sel], c[sel], yd[sel], base[sel]
+        lo, hi = torch.zeros_like(ag), torch.ones_like(ag)
+        ts = hi.clone()
+        g, h, tol = g[sel], h[sel], tol[sel]
+        for _ in range(iters):
+            live = g.abs() > tol  # a problem stops at the first t where φ' is zero to rounding
+            if not bool(live.any()):
+                break
+            hi = torch.where(g > 0, ts, hi)
+            lo = torch.where(g <= 0, ts, lo)
+            newton = ts - g / h.clamp_min(1e-300)
+            step = torch.where((newton > lo) & (newton < hi), newton, (lo + hi) / 2)
+            ts = torch.where(live, step, ts)
+            g, h, tol = _slope(ts, ag, dg, c, yd, base)
+        t[sel] = ts
+    return t.reshape(G, P)
+
+
+def _slope(t: Tensor, ag: Tensor, dg: Tensor, c: Tensor, yd: Tensor, base: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """φ'(t), φ''(t) and the rounding level of φ'(t) for problems laid out as rows (B, n).
+
+    The rounding level is 1e-12 × the sum of the magnitudes of φ'(t)'s terms, plus 1e-15 φ''(t)
+    (a Newton correction below 1e-15 in t cannot be represented next to t = 1 anyway).
+    """
+    slack = base - t[:, None] * yd
+    w = c * yd * (slack > 0)
+    hinge = w * slack
+    g = ag + t * dg - 2 * hinge.sum(1)
+    h = dg + 2 * (w * yd).sum(1)
+    scale = ag.abs() + (t * dg).abs() + 2 * hinge.abs().sum(1)
+    return g, h, 1e-12 * scale + 1e-15 * h
 
 
 def _solve_active_set(K: Tensor, Y: Tensor, Dinv: Tensor, S: Tensor, A0: Tensor, precond: Preconditioner | None,
@@ -436,10 +605,12 @@ def test_aps(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def voc07_svm(train_x: np.ndarray, train_labels: np.ndarray, test_x: np.ndarray, test_labels: np.ndarray,
               costs: Sequence[float], *, solver: str = "gram", n_splits: int = 3, intercept_scaling: float = 1.0,
               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64, progress: bool | None = None,
-              direct_max: int = 1536) -> SvmResult:
+              direct_max: int = 1536, space: str | None = None) -> SvmResult:
     """The full protocol on one layer's features: CV per (class, cost), per-class best cost, refit, test AP.
 
     Features are L2-normalised here (float64); labels are N x C with 1 / 0 / -1 (difficult).
+    `space` (gram solver only): `gram` or `features`; by default `newton_space` picks it by shape.
+    `info` holds the solver's counters, `unconverged` and `kkt_failures` among them.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown SVM solver {solver!r}; known: {', '.join(SOLVERS)}")
@@ -452,8 +623,11 @@ def voc07_svm(train_x: np.ndarray, train_labels: np.ndarray, test_x: np.ndarray,
         scores = test_scores[np.arange(len(chosen)), chosen].T
         info: dict[str, Any] = {}
     else:
-        cv_ap, scores, info = _voc07_gram(xtr, targets, xte, costs, n_splits, intercept_scaling, device, dtype,
-                                          progress, direct_max)
+        space = space or newton_space(*xtr.shape)
+        if space not in ("gram", "features"):
+            raise ValueError(f"unknown Newton space {space!r}; known: gram, features")
+        cv_ap, scores, info = _voc07_newton(xtr, targets, xte, costs, n_splits, intercept_scaling, device, dtype,
+                                            progress, direct_max, space)
         chosen = choose_costs(cv_ap)
     return SvmResult(test_aps(scores, test_labels), cv_ap, costs, [costs[i] for i in chosen], solver, info)
 
@@ -487,12 +661,26 @@ def _voc07_sklearn(xtr: np.ndarray, targets: np.ndarray, xte: np.ndarray, costs:
     return cv_ap, test_scores
 
 
-def _voc07_gram(xtr: np.ndarray, targets: np.ndarray, xte: np.ndarray, costs: list[float], n_splits: int,
-                intercept_scaling: float, device: torch.device | str, dtype: torch.dtype, progress: bool | None,
-                direct_max: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def newton_space(n: int, d: int) -> str:
+    """Where the Newton systems are cheaper: `features` ((D+1)² per problem) when D + 1 ≤ n / 3, else
+    `gram` (|S|² per problem, |S| ≤ n). Measured in perf/RESULTS.md: at VOC07's 5011 trainval rows
+    the feature space wins at 512-d, the Gram space at 2048-d and at the protocol's 8192–9216-d."""
+    return "features" if 3 * (d + 1) <= n else "gram"
+
+
+def _voc07_newton(xtr: np.ndarray, targets: np.ndarray, xte: np.ndarray, costs: list[float], n_splits: int,
+                  intercept_scaling: float, device: torch.device | str, dtype: torch.dtype, progress: bool | None,
+                  direct_max: int, space: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """All (class, fold) CV problems as columns of one batch along the ascending cost path, then one
+    refit per class at its chosen cost, warm-started from the mean of its fold solutions."""
     n, n_cls = targets.shape
-    K = gram(xtr, intercept_scaling=intercept_scaling, device=device, dtype=dtype)[None]
-    precond = nystrom(K) if n >= PRECOND_MIN_ROWS else None
+    xtr_t = torch.as_tensor(xtr, dtype=dtype, device=device)
+    if space == "features":
+        bias = torch.full((n, 1), intercept_scaling, dtype=dtype, device=device)
+        system: GramSystem | FeatureSystem = FeatureSystem(torch.cat([xtr_t, bias], dim=1))
+    else:
+        K = gram(xtr_t, intercept_scaling=intercept_scaling, device=device, dtype=dtype)[None]
+        system = GramSystem(K, nystrom(K) if n >= PRECOND_MIN_ROWS else None, direct_max)
     Yall = torch.as_tensor(targets, dtype=dtype, device=device)
     folds = np.stack([stratified_folds(targets[:, c], n_splits) for c in range(n_cls)], axis=1)  # (n, n_cls)
     # CV problems: column (c, f) trains class c on the rows outside fold f.
@@ -504,29 +692,28 @@ def _voc07_gram(xtr: np.ndarray, targets: np.ndarray, xte: np.ndarray, costs: li
     labels_np = (targets > 0)
     cv_ap = np.zeros((n_cls, len(costs)))
     stats = FitStats()
-    state = None
-    fold_mean = []  # per cost: the fold solutions averaged per class, to warm-start the refit
-    order = np.argsort(costs, kind="stable")
-    for j in tqdm(order, desc="svm cv (gram)", disable=_quiet(progress)):
-        C = costs[j] * pos * train
-        state = fit_dual(K, Y, C, init=state, precond=precond, direct_max=direct_max, stats=stats)
-        fold_mean.append((j, state[0][0].reshape(n, n_cls, n_splits).mean(2)))
-        F = state[1][0].cpu().numpy()
+    A = None
+    fold_mean = {}  # per cost: the fold solutions averaged per class, to warm-start the refit
+    for j in tqdm(np.argsort(costs, kind="stable"), desc=f"svm cv ({space})", disable=_quiet(progress)):
+        A, F = fit(system, Y, costs[j] * pos * train, init=A, stats=stats)
+        fold_mean[int(j)] = A[0].reshape(-1, n_cls, n_splits).mean(2)
+        F = F[0].cpu().numpy()
         for c in range(n_cls):
             cv_ap[c, j] = np.mean([_fold_ap(labels_np[:, c], held_np[:, c * n_splits + f], F[:, c * n_splits + f])
                                    for f in range(n_splits)])
     chosen = choose_costs(cv_ap)
     C_final = torch.as_tensor([costs[i] for i in chosen], dtype=dtype, device=device)
     pos_final = (Yall > 0).to(dtype) * (POS_WEIGHT - 1) + 1
-    by_cost = dict(fold_mean)
-    A0 = torch.stack([by_cost[int(i)][:, c] for c, i in enumerate(chosen)], dim=1)[None]
-    A, _ = fit_dual(K, Yall[None], (pos_final * C_final)[None], init=(A0, torch.bmm(K, A0)), precond=precond,
-                    direct_max=direct_max, stats=stats)
-    W = torch.as_tensor(xtr, dtype=dtype, device=device).T @ A[0]  # (D, n_cls)
-    bias = intercept_scaling**2 * A[0].sum(0)
-    scores = (torch.as_tensor(xte, dtype=dtype, device=device) @ W + bias).cpu().numpy()
-    return cv_ap, scores, {"newton": stats.newton, "cg_iters": stats.cg, "direct_solves": stats.direct,
-                           "unconverged": stats.unconverged}
+    A0 = torch.stack([fold_mean[int(i)][:, c] for c, i in enumerate(chosen)], dim=1)[None]
+    if space == "features":
+        system = FeatureSystem(system.X)  # new problems (all rows, one column per class): a fresh M
+    A, _ = fit(system, Yall[None], (pos_final * C_final)[None], init=A0, stats=stats)
+    xte_t = torch.as_tensor(xte, dtype=dtype, device=device)
+    if space == "features":
+        scores = xte_t @ A[0, :-1] + intercept_scaling * A[0, -1]
+    else:
+        scores = xte_t @ (xtr_t.T @ A[0]) + intercept_scaling**2 * A[0].sum(0)
+    return cv_ap, scores.cpu().numpy(), {"space": space, **stats.as_dict()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,11 +756,12 @@ def draw_lowshot(labels: np.ndarray, ks: Sequence[int], n_samples: int, seed: in
 def lowshot_svm(train_x: np.ndarray, test_x: np.ndarray, test_labels: np.ndarray, draws: Sequence[LowshotDraw],
                 costs: Sequence[float], *, solver: str = "gram", cv_folds: int | None = None,
                 intercept_scaling: float = 1.0, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
-                progress: bool | None = None, direct_max: int = 1536) -> dict[str, np.ndarray]:
+                progress: bool | None = None, direct_max: int = 1536) -> dict[str, Any]:
     """Train per draw, class and cost on the drawn rows (no CV), test on the full test set.
 
     Returns `test_ap`: (n_draws, n_classes, n_costs) test AP (fraction); with `cv_folds`, also
-    `cv_ap` of the same shape: the mean stratified-CV AP on the drawn rows (for the `cv` variant).
+    `cv_ap` of the same shape: the mean stratified-CV AP on the drawn rows (for the `cv` variant);
+    with the gram solver, `solver_stats` (the Newton counters, `kkt_failures` among them).
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown SVM solver {solver!r}; known: {', '.join(SOLVERS)}")
@@ -586,10 +774,11 @@ def lowshot_svm(train_x: np.ndarray, test_x: np.ndarray, test_labels: np.ndarray
         K = gram(xtr, intercept_scaling=intercept_scaling, device=device, dtype=dtype)
         Kte = gram(xte, xtr, intercept_scaling=intercept_scaling, device=device, dtype=dtype)
         precond = nystrom(K[None]) if len(xtr) >= PRECOND_MIN_ROWS else None
+    stats = FitStats()
     bar = tqdm(total=len(draws) * n_cls, desc=f"low-shot svm ({solver})", disable=_quiet(progress))
     for i, draw in enumerate(draws):
         if solver == "gram":
-            scores, cv = _lowshot_gram(K, Kte, precond, draw.targets, costs, cv_folds, direct_max, bar)
+            scores, cv = _lowshot_gram(K, Kte, precond, draw.targets, costs, cv_folds, direct_max, bar, stats)
         for c in range(n_cls):
             keep = test_labels[:, c] != -1
             if solver == "sklearn":
@@ -606,14 +795,16 @@ def lowshot_svm(train_x: np.ndarray, test_x: np.ndarray, test_labels: np.ndarray
                     cv_ap[i, c] = cv[c]
             test_ap[i, c] = interpolated_ap_columns(test_labels[keep, c] == 1, scores_c[keep])
     bar.close()
-    out = {"test_ap": test_ap}
+    out: dict[str, Any] = {"test_ap": test_ap}
     if cv_ap is not None:
         out["cv_ap"] = cv_ap
+    if solver == "gram":
+        out["solver_stats"] = stats.as_dict()
     return out
 
 
 def _lowshot_gram(K: Tensor, Kte: Tensor, precond: Preconditioner | None, targets: np.ndarray, costs: list[float],
-                  cv_folds: int | None, direct_max: int, bar: tqdm, budget: int = 2**25
+                  cv_folds: int | None, direct_max: int, bar: tqdm, stats: FitStats, budget: int = 2**25
                   ) -> tuple[list[np.ndarray], list[list[float]]]:
     """One draw: classes batched as groups over their own rows (padded with untrained rows), costs
     (x folds) as columns. Returns per-class test scores (n_test, n_costs) and CV APs per cost."""
@@ -648,13 +839,13 @@ def _lowshot_gram(K: Tensor, Kte: Tensor, precond: Preconditioner | None, target
         C = weight * cost * torch.as_tensor(train, dtype=K.dtype, device=K.device)
         pre = None if precond is None else Preconditioner(precond.U[0][tidx], precond.lam.expand(len(classes), -1))
         if not cv_folds:
-            A, _ = fit_dual(Ksub, Y, C, precond=pre, direct_max=direct_max)
+            A, _ = fit_dual(Ksub, Y, C, precond=pre, direct_max=direct_max, stats=stats)
             scores += [(Kte[:, tidx[g]] @ A[g]).cpu().numpy() for g in range(len(classes))]
         else:
             # CV columns first (one per cost and fold), then the full fits for the test scores.
-            _, F = fit_dual(Ksub, Y, C, precond=pre, direct_max=direct_max)
+            _, F = fit_dual(Ksub, Y, C, precond=pre, direct_max=direct_max, stats=stats)
             A, _ = fit_dual(Ksub, Y[:, :, :: n_f], (weight * cost)[:, :, :: n_f] * (Y[:, :, :: n_f] != 0),
-                            precond=pre, direct_max=direct_max)
+                            precond=pre, direct_max=direct_max, stats=stats)
             F = F.cpu().numpy()
             for g, c in enumerate(classes):
                 n = len(rows[c])

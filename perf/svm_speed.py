@@ -1,90 +1,104 @@
-"""Time the VOC07 SVM and low-shot SVM protocols: the batched Gram/Newton solver vs the reference.
+"""Time the VOC07 SVM protocol: our default solver vs the reference, side by side, in CPU seconds.
 
-The reference is what MMSelfSup 0.x runs: one scikit-learn LinearSVC per fit (20 classes x 19
-costs x 3-fold cross_val_score + a refit per cost; low-shot: one fit per draw, class and cost).
-Features are synthetic but shaped like VOC07 feature5 (5011 trainval + 4952 test x 8192, ReLU,
-low-rank plus a class signal, ~1% difficult labels). Both solvers see the same arrays in the same
-run. `--scale` shrinks N and D; `--ref-classes R` runs the (slow) reference on R classes spread over
-the prevalence range and scales its time by 20/R, comparing APs on those classes (it says so).
+The reference is what MMSelfSup 0.x runs (`solver: sklearn`): one scikit-learn LinearSVC per fit,
+20 classes x 19 costs x (3-fold cross_val_score + a refit at every cost). Nothing is scaled or
+estimated: every run covers all 20 classes. Features are synthetic but shaped like VOC07
+(5011 trainval + 4952 test rows, ReLU, low-rank plus a class signal, VOC-like prevalences, ~1%
+difficult labels) at each requested dimension; both solvers see the same arrays.
 
-    python perf/svm_speed.py --scale 0.25 --ref-classes 4
+Time is the process's CPU time (`time.process_time`: every thread of the process, BLAS and torch
+included), so that other jobs on a shared machine do not inflate it; wall time is recorded too.
+Each (dim, solver) run appends one JSON line to `--out`, so long reference runs can be done one at
+a time (in the background, under `timeout`) and `--table` joins them afterwards:
+
+    python perf/svm_speed.py --dims 512,2048 --solvers gram,sklearn --out perf/svm_speed.jsonl
+    python perf/svm_speed.py --table perf/svm_speed.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from densecl_bench import svm
 
+N_TRAIN, N_TEST = 5011, 4952  # VOC2007 trainval / test
 
-def synthetic_voc(scale: float, seed: int = 0, n_cls: int = 20) -> tuple[np.ndarray, ...]:
+
+def synthetic_voc(dim: int, n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = 0,
+                  n_cls: int = 20) -> tuple[np.ndarray, ...]:
     """VOC07-shaped features: non-negative, low-rank + class signal + noise; labels 1 / 0 / -1."""
     rng = np.random.default_rng(seed)
-    n_tr, n_te, d = int(5011 * scale), int(4952 * scale), int(8192 * scale)
-    present = rng.random((n_tr + n_te, n_cls)) < np.linspace(0.03, 0.35, n_cls)  # VOC-like prevalences
-    basis = np.abs(rng.standard_normal((64, d))).astype(np.float32)
-    latent = rng.standard_normal((n_tr + n_te, 64)).astype(np.float32)
+    n = n_train + n_test
+    present = rng.random((n, n_cls)) < np.linspace(0.03, 0.35, n_cls)  # VOC-like prevalences
+    basis = np.abs(rng.standard_normal((64, dim))).astype(np.float32)
+    latent = rng.standard_normal((n, 64)).astype(np.float32)
     latent += 0.7 * present.astype(np.float32) @ rng.standard_normal((n_cls, 64)).astype(np.float32)
-    x = np.maximum(latent @ basis / 8 + 0.5 * rng.standard_normal((n_tr + n_te, d)).astype(np.float32), 0)
+    x = np.maximum(latent @ basis / 8 + 0.5 * rng.standard_normal((n, dim)).astype(np.float32), 0)
     labels = present.astype(np.int32)
     labels[(rng.random(labels.shape) < 0.01) & ~present] = -1
-    return x[:n_tr], labels[:n_tr], x[n_tr:], labels[n_tr:]
+    return x[:n_train], labels[:n_train], x[n_train:], labels[n_train:]
 
 
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+def run(dim: int, solver: str, n_train: int, n_test: int) -> dict:
+    xtr, ytr, xte, yte = synthetic_voc(dim, n_train, n_test)
+    cpu, wall = time.process_time(), time.perf_counter()
+    res = svm.voc07_svm(xtr, ytr, xte, yte, svm.cost_grid("mmselfsup"), solver=solver, progress=False)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return {"dim": dim, "n_train": n_train, "n_test": n_test, "solver": solver, "cpu_s": round(cpu, 2),
+            "wall_s": round(wall, 2), "map": res.map, "ap": res.ap.tolist(), "chosen": res.chosen, "info": res.info,
+            "torch_threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def table(path: Path) -> str:
+    """Markdown table of every dim that has both solvers in `path` (the latest run of each)."""
+    runs: dict[tuple[int, int, str], dict] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        runs[rec["dim"], rec["n_train"], rec["solver"]] = rec
+    out = ["| dims | n (trainval + test) | ours CPU s (wall s) | reference CPU s (wall s) | speed-up (CPU) "
+           "| mAP ours / reference | max \\|ΔAP\\| (points) | same chosen costs | solver path |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for dim, n, _ in sorted(k for k in runs if k[2] == "sklearn"):
+        ref = runs[dim, n, "sklearn"]
+        ours = next((runs[k] for k in runs if k[:2] == (dim, n) and k[2] != "sklearn"), None)
+        if ours is None:
+            continue
+        dap = np.abs(np.asarray(ours["ap"]) - np.asarray(ref["ap"])).max() * 100
+        same = sum(a == b for a, b in zip(ours["chosen"], ref["chosen"]))
+        out.append(f"| {dim} | {n} + {ref['n_test']} | {ours['cpu_s']:.1f} ({ours['wall_s']:.1f}) "
+                   f"| {ref['cpu_s']:.1f} ({ref['wall_s']:.1f}) | **{ref['cpu_s'] / ours['cpu_s']:.1f}x** "
+                   f"| {ours['map']:.2f} / {ref['map']:.2f} | {dap:.4f} | {same}/20 | {ours['info'].get('space', '')} |")
+    return "\n".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scale", type=float, default=1.0, help="fraction of N and D (1.0 = 5011/4952 x 8192)")
-    ap.add_argument("--ref-classes", type=int, default=20, help="classes the reference runs on (time x 20/R)")
-    ap.add_argument("--ks", default="1,2,4,8,16,32,64,96")
-    ap.add_argument("--samples", type=int, default=5)
-    ap.add_argument("--skip-full", action="store_true")
-    ap.add_argument("--skip-lowshot", action="store_true")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dims", default="512,2048", help="comma-separated feature dimensions")
+    ap.add_argument("--solvers", default="gram,sklearn", help="which solvers to run (sklearn = the reference)")
+    ap.add_argument("--n-train", type=int, default=N_TRAIN)
+    ap.add_argument("--n-test", type=int, default=N_TEST)
+    ap.add_argument("--out", type=Path, default=Path("perf/svm_speed.jsonl"), help="JSON lines to append to")
+    ap.add_argument("--table", type=Path, help="only print the markdown table of a JSON-lines file")
     args = ap.parse_args()
-    xtr, ytr, xte, yte = synthetic_voc(args.scale)
-    n_cls, R = ytr.shape[1], args.ref_classes
-    ref_idx = np.linspace(0, n_cls - 1, R).round().astype(int)  # spread over the prevalence range
-    costs = svm.cost_grid("mmselfsup")
-    print(f"features: {xtr.shape[0]} + {xte.shape[0]} x {xtr.shape[1]}, {n_cls} classes, {len(costs)} costs, "
-          f"device {args.device}, torch threads {torch.get_num_threads()}; reference on classes {ref_idx.tolist()}")
-    rows = []
-    if not args.skip_full:
-        ours, t_ours = timed(lambda: svm.voc07_svm(xtr, ytr, xte, yte, costs, device=args.device, progress=True))
-        ref, t_ref = timed(lambda: svm.voc07_svm(xtr, ytr[:, ref_idx], xte, yte[:, ref_idx], costs, solver="sklearn",
-                                                 progress=True))
-        delta = np.nanmean(ours.ap[ref_idx]) * 100 - ref.map
-        rows.append(("VOC07 SVM (CV + refit)", t_ours, t_ref * n_cls / R, delta,
-                     np.abs(ours.ap[ref_idx] - ref.ap).max() * 100, ours.map))
-        same = np.sum(np.equal(np.asarray(ours.chosen)[ref_idx], ref.chosen))
-        print(f"  gram solver stats: {ours.info}; same chosen cost for {same}/{R} classes")
-    if not args.skip_lowshot:
-        ks = [int(k) for k in args.ks.split(",")]
-        draws = svm.draw_lowshot(ytr, ks, args.samples, seed=0)
-        ours, t_ours = timed(lambda: svm.lowshot_svm(xtr, xte, yte, draws, costs, device=args.device, progress=True))
-        sub = [svm.LowshotDraw(d.sample, d.k, d.targets[:, ref_idx], d.capped) for d in draws]
-        ref, t_ref = timed(lambda: svm.lowshot_svm(xtr, xte, yte[:, ref_idx], sub, costs, solver="sklearn",
-                                                   progress=True))
-        agg_ours = svm.aggregate_lowshot(draws, ours["test_ap"][:, ref_idx], costs)
-        agg_ref = svm.aggregate_lowshot(sub, ref["test_ap"], costs)
-        deltas = [agg_ours[k]["mean"] - agg_ref[k]["mean"] for k in ks]
-        rows.append((f"low-shot SVM (k={args.ks}, {args.samples} samples)", t_ours, t_ref * n_cls / R,
-                     max(deltas, key=abs), np.abs(ours["test_ap"][:, ref_idx] - ref["test_ap"]).max() * 100,
-                     np.mean([v["mean"] for v in svm.aggregate_lowshot(draws, ours["test_ap"], costs).values()])))
-    print("\n| protocol | ours (s) | reference (s) | speed-up | mAP delta (ours - ref) | max per-class AP delta | our mAP |")
-    print("|---|---|---|---|---|---|---|")
-    for name, t_o, t_r, d, dmax, m in rows:
-        est = "" if R == n_cls else f" (est. from {R} classes)"
-        print(f"| {name} | {t_o:.1f} | {t_r:.1f}{est} | {t_r / t_o:.1f}x | {d:+.4f} | {dmax:.4f} | {m:.2f} |")
+    if args.table:
+        print(table(args.table))
+        return
+    for dim in (int(d) for d in args.dims.split(",")):
+        for solver in args.solvers.split(","):
+            rec = run(dim, solver, args.n_train, args.n_test)
+            with args.out.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"dim {dim} {solver}: {rec['cpu_s']:.1f} s CPU ({rec['wall_s']:.1f} s wall), mAP {rec['map']:.3f}, "
+                  f"{rec['info']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,19 @@ def test_gram_solver_matches_liblinear():
         np.testing.assert_allclose(F[0, :, 0].numpy(), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
-def test_pcg_path_matches_direct_path():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pcg_path_matches_direct_path(threads):
+    """The guard from issue 8: on some machines one column came back exactly half the other (a halved
+    final Newton step taken for convergence). Run at 1 and 2 torch threads: the reductions differ."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _pcg_vs_direct()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _pcg_vs_direct() -> None:
     x, labels = _features(300, 60, 3, seed=4)
     x = svm.l2_normalize(x)
     K = svm.gram(x)[None]
@@ -106,20 +118,120 @@ def test_pcg_path_matches_direct_path():
     stats = svm.FitStats()
     _, f_cg = svm.fit_dual(K, Yb, C, precond=svm.nystrom(K, rank=32), direct_max=0, stats=stats)
     assert stats.cg > 0
-    _, f_direct = svm.fit_dual(K, Yb, C)
+    _, f_direct = svm.fit_dual(K, Yb, C, stats=stats)
     np.testing.assert_allclose(f_cg.numpy(), f_direct.numpy(), atol=1e-7)
+    assert stats.unconverged == 0 and stats.kkt_failures == 0
 
 
-def test_voc07_protocol_matches_sklearn_reference():
-    """The whole protocol (CV, cost choice, refit, test AP) with both solvers; mAP within 0.1 point."""
-    x, labels = _features(330, 48, 3, seed=5)
-    xtr, ytr, xte, yte = x[:180], labels[:180], x[180:], labels[180:]
-    costs = [0.5**12, 0.5**6, 0.5**4, 1.0, 10.0]
+def _one(v: float) -> torch.Tensor:
+    return torch.tensor([[[v]]], dtype=torch.float64)  # G = n = P = 1
+
+
+def test_line_search_takes_the_full_step_when_the_slope_is_a_rounding_error():
+    """φ'(1) = +8.7e-19 with φ''(1) ≈ 1: the minimiser is 1 − 1e-18, i.e. t = 1 in floats. The Newton
+    update rounds to 1.0 and fails the strict bracket; the step must still be 1, not the bisection
+    midpoint 0.5 (which the solver then took for convergence, returning a half step)."""
+    w, f, df, c = 2.0**-40, 1 - 2.0**-20 - 2.0**-40, 2.0**-20, 2.0**39  # slack at t = 1: exactly 2^-40
+    t = svm._line_search(_one(w * df)[0], _one(df)[0], _one(f), _one(df), _one(1.0), _one(c))
+    assert t.item() == 1.0
+
+
+def test_line_search_finds_the_exact_minimiser():
+    # One row, y = 1, x̃ = 1: φ(t) = ½(w + t d)² + c (1 − w − t d)₊², minimised at w + t d = 2c / (1 + 2c).
+    w, d, c = 0.0, 1.0, 0.25
+    t = svm._line_search(_one(w * d)[0], _one(d * d)[0], _one(w), _one(d), _one(1.0), _one(c)).item()
+    assert t == pytest.approx((2 * c / (1 + 2 * c) - w) / d, rel=1e-12)
+
+
+def _liblinear(x: np.ndarray, y: np.ndarray, cost: float, tight: bool) -> LinearSVC:
+    """The reference's LinearSVC (PROTOCOLS.md §2.3), or the same problem solved to tol 1e-9."""
+    if not tight:
+        return svm._linear_svc(cost, 1.0).fit(x, y)
+    return LinearSVC(C=cost, class_weight={1: 2, -1: 1}, intercept_scaling=1.0, penalty="l2", loss="squared_hinge",
+                     dual=True, tol=1e-9, max_iter=100000).fit(x, y)
+
+
+def test_warm_started_cost_path_matches_liblinear_when_d_exceeds_n():
+    """D ≫ n (K full rank, data separable): each fit warm-starts from the previous cost, as the CV
+    path does, and must land on liblinear's optimum, not between two costs' solutions."""
+    x, labels = _features(140, 3000, 1, seed=7)
+    x = svm.l2_normalize(x)
+    xtr, xte, y, yte = x[:80], x[80:], svm.svm_targets(labels[:80, 0]), labels[80:, 0] == 1
+    K, Kte = svm.gram(xtr)[None], svm.gram(xte, xtr)
+    Y = torch.as_tensor(y)[None, :, None]
+    weight = (Y > 0).double() + 1
+    stats, A, path = svm.FitStats(), None, {}
+    for cost in sorted(svm.cost_grid("mmselfsup")):
+        A, _ = svm.fit_dual(K, Y, weight * cost, init=A, stats=stats)
+        path[cost] = A
+        ours = (Kte @ A[0, :, 0]).numpy()
+        tight = _liblinear(xtr, y, cost, tight=True).decision_function(xte)
+        np.testing.assert_allclose(ours, tight, rtol=0, atol=1e-8 * np.abs(tight).max())
+        ref = _liblinear(xtr, y, cost, tight=False).decision_function(xte)
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+        assert svm.interpolated_ap(yte, ours) == pytest.approx(svm.interpolated_ap(yte, ref), abs=1e-3)
+    # A warm start that is no solution at all (the mean of two other costs' solutions, like the refit's
+    # start from the fold means) must still end at the optimum.
+    blend = (path[0.5**4] + path[10.0]) / 2
+    A, F = svm.fit_dual(K, Y, weight * 1.0, init=blend, stats=stats)
+    tight = _liblinear(xtr, y, 1.0, tight=True)
+    np.testing.assert_allclose(F[0, :, 0].numpy(), tight.decision_function(xtr), atol=1e-8)
+    assert stats.unconverged == 0 and stats.kkt_failures == 0
+
+
+def test_kkt_check_counts_and_reports_bad_solutions(caplog):
+    x, labels = _features(120, 30, 1, seed=8)
+    x = svm.l2_normalize(x)
+    K, Y = svm.gram(x)[None], torch.as_tensor(svm.svm_targets(labels[:, 0]))[None, :, None].repeat(1, 1, 3)
+    C = ((Y > 0).double() + 1) * torch.tensor([0.5**8, 1.0, 100.0]).double()  # three costs as columns
+    A, F = svm.fit_dual(K, Y, C)
+    system = svm.GramSystem(K)
+    assert svm.kkt_residual(system, A, F, Y, C).max() < 1e-9
+    # Half a step from zero, the failure this check exists for: clearly not optimal.
+    assert (svm.kkt_residual(system, A / 2, F / 2, Y, C) > 0.1).all()
+    # One Newton iteration from zero cannot finish the large costs: counted, logged.
+    stats = svm.FitStats()
+    with caplog.at_level("WARNING", logger="densecl_bench.svm"):
+        svm.fit_dual(K, Y, C, max_newton=1, stats=stats)
+    assert stats.unconverged >= 1 and stats.kkt_failures >= 1
+    assert "fail the optimality check" in caplog.text
+
+
+def test_voc07_protocol_within_0_1_map_of_linearsvc():
+    """README claim: the whole protocol (3-fold CV over the 19-cost grid, per-class cost, refit, test AP)
+    with our solver lands within 0.1 mAP of the reference path (one LinearSVC per fit), on VOC07-shaped
+    features: 20 classes, labels 1 / 0 / -1, D > n, enough rows for the preconditioned CG path."""
+    x, labels = _features(500, 1024, 20, seed=11)
+    xtr, ytr, xte, yte = x[:300], labels[:300], x[300:], labels[300:]
+    assert (ytr == -1).any() and (yte == -1).any()
+    costs = svm.cost_grid("mmselfsup")
     ours = svm.voc07_svm(xtr, ytr, xte, yte, costs, solver="gram", progress=False)
     ref = svm.voc07_svm(xtr, ytr, xte, yte, costs, solver="sklearn", progress=False)
-    np.testing.assert_allclose(ours.cv_ap, ref.cv_ap, atol=2e-3)
-    np.testing.assert_allclose(ours.ap, ref.ap, atol=1e-3)  # per class, as fractions: 0.1 point
+    assert ours.info["cg_iters"] > 0 and ours.info["direct_solves"] > 0  # both inner solvers ran
+    assert ours.info["unconverged"] == 0 and ours.info["kkt_failures"] == 0
     assert abs(ours.map - ref.map) < 0.1
+    # Our fits are exact, the reference's stop at liblinear's tol 1e-4: CV APs agree to that accuracy.
+    np.testing.assert_allclose(ours.cv_ap, ref.cv_ap, atol=2e-3)
+
+
+def test_feature_space_path_matches_gram_path_and_liblinear():
+    """D + 1 ≤ n / 3 picks the feature-space Newton systems; they solve the same problems as the Gram
+    path (CV along the warm-started cost path, refit from the fold means), so every number agrees."""
+    x, labels = _features(400, 64, 4, seed=12)
+    xtr, ytr, xte, yte = x[:260], labels[:260], x[260:], labels[260:]
+    assert svm.newton_space(*xtr.shape) == "features" and svm.newton_space(260, 1024) == "gram"
+    costs = svm.cost_grid("mmselfsup")
+    feat = svm.voc07_svm(xtr, ytr, xte, yte, costs, progress=False)
+    gram = svm.voc07_svm(xtr, ytr, xte, yte, costs, progress=False, space="gram")
+    assert feat.info["space"] == "features" and gram.info["space"] == "gram"
+    for res in (feat, gram):
+        assert res.info["unconverged"] == 0 and res.info["kkt_failures"] == 0
+    np.testing.assert_allclose(feat.cv_ap, gram.cv_ap, atol=1e-9)
+    np.testing.assert_allclose(feat.ap, gram.ap, atol=1e-9)
+    # The refit at class 0's chosen cost equals liblinear's optimum.
+    scores = _refit_scores(xtr, ytr, xte, feat.chosen[0])
+    keep = yte[:, 0] != -1
+    assert feat.ap[0] == pytest.approx(svm.interpolated_ap(yte[keep, 0] == 1, scores[keep]), abs=1e-9)
 
 
 def test_difficult_are_train_negatives_and_dropped_at_test():
@@ -172,6 +284,7 @@ def test_lowshot_matches_sklearn_reference():
     ref = svm.lowshot_svm(xtr, xte, yte, draws, costs, solver="sklearn", cv_folds=2, progress=False)
     np.testing.assert_allclose(ours["test_ap"], ref["test_ap"], atol=1e-3)
     np.testing.assert_allclose(ours["cv_ap"], ref["cv_ap"], atol=1e-3)
+    assert ours["solver_stats"]["unconverged"] == 0 and ours["solver_stats"]["kkt_failures"] == 0
 
 
 def test_aggregate_lowshot_picks_best_mean_cost():
@@ -190,13 +303,53 @@ def test_aggregate_lowshot_picks_best_mean_cost():
     assert picked[2]["cost"] == 1.0 and picked[2]["mean"] == pytest.approx(15.0)
 
 
-def test_columnwise_ap_equals_per_column_ap_with_ties():
-    from densecl_bench.svm import interpolated_ap, interpolated_ap_columns
+def _reference_test_ap(targets: np.ndarray, preds: np.ndarray) -> float:
+    """svm_helper.py `get_precision_recall` + `calculate_ap`, written out rank by rank (independent of svm.py):
+    rank by np.argsort(preds) reversed, running precision / recall, precision made monotone from the
+    right, area summed where recall changes."""
+    order = np.argsort(preds)[::-1]
+    positives = targets[order] > 0
+    n_pos = int(positives.sum())
+    precision, recall, tp = [], [], 0
+    for rank, hit in enumerate(positives, start=1):
+        tp += int(hit)
+        precision.append(tp / rank)
+        recall.append(tp / n_pos)
+    mrec, mpre = [0.0, *recall, 1.0], [0.0, *precision, 0.0]
+    for i in range(len(mpre) - 2, -1, -1):
+        mpre[i] = max(mpre[i], mpre[i + 1])
+    return sum((mrec[i] - mrec[i - 1]) * mpre[i] for i in range(1, len(mrec)) if mrec[i] != mrec[i - 1])
 
+
+def _tied_cases() -> list[tuple[str, np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(0)
-    for _ in range(50):
-        n = int(rng.integers(1, 40))
-        y = rng.random(n) < 0.3
-        scores = rng.integers(0, 4, (n, 5)).astype(float)  # many ties: order must stay stable
-        expected = [interpolated_ap(y, scores[:, j]) for j in range(5)]
-        np.testing.assert_allclose(interpolated_ap_columns(y, scores), expected, equal_nan=True)
+    cases = [("all tied, one positive first", np.r_[1, np.zeros(7)], np.zeros(8)),
+             ("all tied", rng.random(40) < 0.3, np.full(40, 0.25)),
+             ("two levels", rng.random(17) < 0.4, rng.integers(0, 2, 17).astype(float))]
+    for n in (12, 300, 2000):
+        cases.append((f"coarse ties, n={n}", rng.random(n) < 0.3, np.round(rng.standard_normal(n), 1)))
+    # Every score shared by exactly one positive and one negative (duplicate images, opposite labels).
+    s = np.repeat(rng.standard_normal(30), 2)
+    cases.append(("ties across positive / negative", np.tile([1, 0], 30), s))
+    return [(name, np.asarray(y).astype(int), np.asarray(sc)) for name, y, sc in cases]
+
+
+@pytest.mark.parametrize("name,y,scores", _tied_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_test_ap_breaks_ties_as_the_reference(name, y, scores):
+    assert y.any()
+    expected = _reference_test_ap(y, scores)
+    assert svm.interpolated_ap(y, scores) == pytest.approx(expected, abs=1e-12)
+    # The column-wise form (low-shot) ranks every column the same way.
+    columns = np.stack([scores, scores[::-1], -scores], axis=1)
+    want = [expected, _reference_test_ap(y, scores[::-1]), _reference_test_ap(y, -scores)]
+    np.testing.assert_allclose(svm.interpolated_ap_columns(y, columns), want, rtol=0, atol=1e-12)
+
+
+def test_test_ap_with_order_free_ties_equals_sklearn():
+    """Ties inside one label cannot be broken differently, and when precision only falls from one
+    positive to the next, interpolation changes nothing: here the reference AP is sklearn's."""
+    y = np.array([1, 1, 0, 1, 0, 0, 0, 1, 0])
+    s = np.array([5.0, 5, 4, 3, 2, 2, 2, 1, 0])  # precision at the positives: 1, 1, 3/4, 4/8
+    expected = average_precision_score(y, s)
+    assert svm.interpolated_ap(y, s) == pytest.approx(expected, abs=1e-12)
+    assert _reference_test_ap(y, s) == pytest.approx(expected, abs=1e-12)

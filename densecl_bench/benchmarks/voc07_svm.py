@@ -105,7 +105,8 @@ class Voc07LowshotSvm(_Voc07Benchmark):
                               cv_folds=int(cfg["cv_folds"]) if select == "cv" else None, **_solver_args(ctx))
             stats = aggregate_lowshot(draws, out["test_ap"], costs, select=select, cv_ap=out.get("cv_ap"))
             for k, st in stats.items():
-                extra = {**st, "seed": seed, "layer": layer, "cost_select": select}
+                extra = {**st, "seed": seed, "layer": layer, "cost_select": select,
+                         **({"solver_stats": out["solver_stats"]} if "solver_stats" in out else {})}
                 if k in capped:
                     extra["capped"] = True  # too few images for k positives / 19k negatives somewhere
                 # One layer (the default) keeps the model zoo's `k=N` names; more layers are suffixed.
