@@ -93,12 +93,12 @@ class FCN(nn.Module):
     forward(images) -> {"seg": stride-8 logits} in eval mode, plus {"aux": ...} in training mode.
     """
 
-    def __init__(self, backbone: DilatedResNet, num_classes: int = 21, dropout: float = 0.1,
-                 norm_layer: NormLayer = nn.BatchNorm2d) -> None:
+    def __init__(self, backbone: DilatedResNet, num_classes: int = 21, decode_channels: int = 512,
+                 aux_channels: int = 256, dropout: float = 0.1, norm_layer: NormLayer = nn.BatchNorm2d) -> None:
         super().__init__()
         self.backbone = backbone
-        self.decode_head = FCNHead(2048, 512, 2, True, num_classes, dropout, norm_layer)
-        self.auxiliary_head = FCNHead(1024, 256, 1, False, num_classes, dropout, norm_layer)
+        self.decode_head = FCNHead(2048, decode_channels, 2, True, num_classes, dropout, norm_layer)
+        self.auxiliary_head = FCNHead(1024, aux_channels, 1, False, num_classes, dropout, norm_layer)
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         c3, c4 = self.backbone(images)
