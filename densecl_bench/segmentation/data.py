@@ -44,7 +44,7 @@ def voc12aug_pairs(voc_dir: str | Path, split: str) -> list[tuple[Path, Path]]:
 
 
 def load_label(path: Path) -> np.ndarray:
-    """A mask PNG as class indices (uint8): palette ('P') and greyscale ('L') images carry the indices as pixel values."""
+    """A mask PNG as class indices (uint8): palette ('P') and greyscale ('L') images carry them as pixel values."""
     with Image.open(path) as img:
         if img.mode not in ("P", "L"):
             raise layout_error("voc12aug", f"{path} is a {img.mode} image; masks are palette or greyscale PNGs")
@@ -60,7 +60,8 @@ def rescale_size(width: int, height: int, scale: tuple[int, int]) -> tuple[int, 
     return int(width * factor + 0.5), int(height * factor + 0.5)
 
 
-def resize_pair(image: np.ndarray, label: np.ndarray | None, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+def resize_pair(image: np.ndarray, label: np.ndarray | None,
+                size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
     """Resize an H x W x 3 uint8 image (bilinear) and its H x W label (nearest) to size = (w, h)."""
     w, h = size
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
@@ -89,7 +90,8 @@ def crop_box(height: int, width: int, size: int) -> tuple[int, int]:
 def random_crop(image: np.ndarray, label: np.ndarray, size: int, cat_max_ratio: float,
                 draw: Callable[[int, int, int], tuple[int, int]] = crop_box) -> tuple[np.ndarray, np.ndarray]:
     """mmseg RandomCrop: up to 10 times, keep the crop when it holds more than one (non-ignored) class and
-    no class covers `cat_max_ratio` or more of its labelled pixels, else draw another; the 11th draw is kept unchecked."""
+    no class covers `cat_max_ratio` or more of its labelled pixels, else draw another; the 11th draw is kept
+    unchecked."""
     top, left = draw(*label.shape, size)
     if cat_max_ratio < 1.0:
         for _ in range(10):
@@ -209,7 +211,7 @@ class TrainPipeline:
 
 
 class SegmentationTrainSet(Dataset):
-    """(image 3 x crop x crop, label crop x crop int64) per pair; wrap in `engine.SeededDataset` for per-sample seeds."""
+    """(image 3 x crop x crop, label crop x crop int64) per pair; wrap it in `engine.SeededDataset`."""
 
     def __init__(self, pairs: list[tuple[Path, Path]], pipeline: TrainPipeline) -> None:
         self.pairs, self.pipeline = pairs, pipeline

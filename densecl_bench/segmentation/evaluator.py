@@ -23,7 +23,8 @@ def confusion_matrix(pred: Tensor, label: Tensor, num_classes: int, ignore_index
     keep = label != ignore_index
     label, pred = label[keep].long(), pred[keep].long()
     if label.numel() and (int(label.max()) >= num_classes or int(label.min()) < 0):
-        raise ValueError(f"label values must lie in [0, {num_classes}) or be {ignore_index}, got {label.unique().tolist()}")
+        raise ValueError(f"label values must lie in [0, {num_classes}) or be {ignore_index}, "
+                         f"got {label.unique().tolist()}")
     return torch.bincount(label * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
@@ -62,7 +63,8 @@ class SemSegEvaluator(DatasetEvaluator):
     def process(self, inputs: Any, outputs: Tensor | Sequence[Tensor]) -> None:
         for logits, label in zip(outputs, self.targets(inputs), strict=True):
             if logits.shape[-2:] != label.shape[-2:]:
-                raise ValueError(f"logits {tuple(logits.shape[-2:])} and label {tuple(label.shape[-2:])} differ in size")
+                raise ValueError(f"logits {tuple(logits.shape[-2:])} and label {tuple(label.shape[-2:])} "
+                                 "differ in size")
             pred = logits.argmax(0).to(self.device)
             self.matrix += confusion_matrix(pred, label.to(self.device), self.num_classes, self.ignore_index)
 

@@ -54,8 +54,9 @@ def dilated_backbone_from_checkpoint(ckpt: LoadedCheckpoint, norm_layer: NormLay
     result = model.load_state_dict(ckpt.state_dict, strict=False)
     missing = {k for k in result.missing_keys if not k.endswith(_NBT)}
     if result.unexpected_keys or missing != set(ckpt.missing_keys):
-        raise CheckpointError(f"{ckpt.path}: state dict does not fit a dilated {ckpt.arch}: missing {sorted(missing)[:8]}, "
-                              f"unexpected {result.unexpected_keys[:8]} [layout: {ckpt.layout}]")
+        raise CheckpointError(f"{ckpt.path}: state dict does not fit a dilated {ckpt.arch}: "
+                              f"missing {sorted(missing)[:8]}, unexpected {result.unexpected_keys[:8]} "
+                              f"[layout: {ckpt.layout}]")
     return model
 
 
@@ -67,7 +68,7 @@ def _conv_module(cin: int, cout: int, norm_layer: NormLayer) -> nn.Sequential:
 
 
 class FCNHead(nn.Module):
-    """mmseg FCNHead: `num_convs` ConvModules, optionally a ConvModule over [input, convs], Dropout2d, 1x1 classifier."""
+    """mmseg FCNHead: `num_convs` ConvModules, optionally one over [input, convs], Dropout2d, 1x1 classifier."""
 
     def __init__(self, in_channels: int, channels: int, num_convs: int, concat_input: bool, num_classes: int,
                  dropout: float = 0.1, norm_layer: NormLayer = nn.BatchNorm2d) -> None:
