@@ -1,0 +1,129 @@
+"""FCN R50-D8 as mmseg 0.x builds it for the SSL benchmark (PROTOCOLS.md §8, §12).
+
+Backbone: torchvision's ResNet with `replace_stride_with_dilation=[False, True, True]`, the plain 7x7
+stem the SSL checkpoints have. torchvision gives the first block of a dilated stage the previous
+stage's dilation, which is mmseg's `contract_dilation=True` (dilation // 2) for dilations (1, 1, 2, 4)
+and strides (1, 2, 1, 1): output stride 8, and the checkpoint's tensors load one to one.
+
+Heads: mmseg's FCNHead. Each conv is a ConvModule (3x3 conv without bias, norm, ReLU; kaiming-normal
+fan-out init); the decode head concatenates its input with the convs' output for one more ConvModule;
+Dropout2d then a 1x1 classifier drawn from N(0, 0.01) with bias 0. The auxiliary head on layer3
+trains only (its loss weighted 0.4) and is not used at inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from densecl_bench.checkpoint import _NBT, CheckpointError, LoadedCheckpoint
+
+NormLayer = Callable[[int], nn.Module]
+DILATED_ARCHS = ("resnet50", "resnet101")  # Bottleneck nets: torchvision's BasicBlock refuses dilation > 1
+
+
+class DilatedResNet(nn.Module):
+    """ResNet stem + layer1..layer4 with layer3/layer4 dilated (output stride 8); returns (layer3, layer4)."""
+
+    def __init__(self, arch: str = "resnet50", norm_layer: NormLayer = nn.BatchNorm2d) -> None:
+        super().__init__()
+        if arch not in DILATED_ARCHS:
+            raise ValueError(f"FCN-D8 needs a Bottleneck ResNet ({', '.join(DILATED_ARCHS)}), got {arch!r}")
+        net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm_layer,
+                                                replace_stride_with_dilation=[False, True, True])
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c3 = self.layer3(self.layer2(self.layer1(x)))
+        return c3, self.layer4(c3)
+
+
+def dilated_backbone_from_checkpoint(ckpt: LoadedCheckpoint, norm_layer: NormLayer = nn.BatchNorm2d) -> DilatedResNet:
+    """The dilated ResNet holding every tensor of `ckpt` (strict: only `ckpt.missing_keys` and BN
+    `num_batches_tracked` counters may be absent, nothing may be left over).
+
+    Stand-in for the shared `RunContext.trainable_backbone(norm_layer=..., replace_stride_with_dilation=...)`.
+    """
+    model = DilatedResNet(ckpt.arch, norm_layer)
+    result = model.load_state_dict(ckpt.state_dict, strict=False)
+    missing = {k for k in result.missing_keys if not k.endswith(_NBT)}
+    if result.unexpected_keys or missing != set(ckpt.missing_keys):
+        raise CheckpointError(f"{ckpt.path}: state dict does not fit a dilated {ckpt.arch}: "
+                              f"missing {sorted(missing)[:8]}, unexpected {result.unexpected_keys[:8]} "
+                              f"[layout: {ckpt.layout}]")
+    return model
+
+
+def _conv_module(cin: int, cout: int, norm_layer: NormLayer) -> nn.Sequential:
+    """mmcv ConvModule(3x3, norm, ReLU): no conv bias under a norm; kaiming-normal (fan-out, ReLU) init."""
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return nn.Sequential(conv, norm_layer(cout), nn.ReLU(inplace=True))
+
+
+class FCNHead(nn.Module):
+    """mmseg FCNHead: `num_convs` ConvModules, optionally one over [input, convs], Dropout2d, 1x1 classifier."""
+
+    def __init__(self, in_channels: int, channels: int, num_convs: int, concat_input: bool, num_classes: int,
+                 dropout: float = 0.1, norm_layer: NormLayer = nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(*(_conv_module(in_channels if i == 0 else channels, channels, norm_layer)
+                                     for i in range(num_convs)))
+        self.conv_cat = _conv_module(in_channels + channels, channels, norm_layer) if concat_input else None
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        nn.init.normal_(self.conv_seg.weight, 0.0, 0.01)
+        nn.init.zeros_(self.conv_seg.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.convs(x)
+        if self.conv_cat is not None:
+            out = self.conv_cat(torch.cat([x, out], dim=1))
+        return self.conv_seg(self.dropout(out))
+
+
+class FCN(nn.Module):
+    """Dilated ResNet + FCN decode head on layer4 (2 convs of 512, concat) + auxiliary head on layer3 (1 conv of 256).
+
+    forward(images) -> {"seg": stride-8 logits} in eval mode, plus {"aux": ...} in training mode.
+    """
+
+    def __init__(self, backbone: DilatedResNet, num_classes: int = 21, decode_channels: int = 512,
+                 aux_channels: int = 256, dropout: float = 0.1, norm_layer: NormLayer = nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.decode_head = FCNHead(2048, decode_channels, 2, True, num_classes, dropout, norm_layer)
+        self.auxiliary_head = FCNHead(1024, aux_channels, 1, False, num_classes, dropout, norm_layer)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        c3, c4 = self.backbone(images)
+        out = {"seg": self.decode_head(c4)}
+        if self.training:
+            out["aux"] = self.auxiliary_head(c3)
+        return out
+
+
+def seg_loss(logits: Tensor, label: Tensor, ignore_index: int = 255) -> Tensor:
+    """mmseg 0.x's decode loss: logits upsampled (bilinear, align_corners=False) to the label size, per-pixel
+    cross-entropy with ignored pixels contributing 0, averaged over ALL pixels (`avg_non_ignore=False`),
+    not PyTorch's mean over the non-ignored ones."""
+    logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits, label.long(), ignore_index=ignore_index, reduction="none").mean()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, image: Tensor, original_size: tuple[int, int]) -> Tensor:
+    """Whole-image inference on one resized image (1 x 3 x h x w): logits C x H x W at the original size.
+
+    As mmseg 0.x's `whole_inference` with rescale: the stride-8 logits are resized to the network input,
+    then to the original image, both bilinear with align_corners=False.
+    """
+    logits = model(image)["seg"].float()
+    logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+    return F.interpolate(logits, size=original_size, mode="bilinear", align_corners=False)[0]

@@ -1,0 +1,95 @@
+"""FCN R50-D8 training and evaluation on the engine (PROTOCOLS.md §8): one function from a checkpoint,
+a resolved config and a VOC2012 folder to the final mIoU, resumable from its run directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from densecl_bench import config, dist, engine
+from densecl_bench.checkpoint import LoadedCheckpoint
+from densecl_bench.errors import UserError
+from densecl_bench.segmentation.data import (
+    CLASSES, PhotoMetricDistortion, SegmentationEvalSet, SegmentationTrainSet, TrainPipeline, voc12aug_pairs,
+)
+from densecl_bench.segmentation.evaluator import SemSegEvaluator
+from densecl_bench.segmentation.model import FCN, dilated_backbone_from_checkpoint, predict, seg_loss
+
+
+@dataclass
+class SegResult:
+    """The last evaluation (mIoU, aAcc, per-class IoU; percent) and every evaluation of the run."""
+
+    final: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+def batch_per_process(cfg: dict[str, Any], world: int) -> int:
+    """The protocol's total batch split evenly over the processes (16 = 4 GPUs x 4)."""
+    total = int(cfg["total_batch_size"])
+    if total % world:
+        raise UserError(f"total_batch_size {total} does not split evenly over {world} processes")
+    return total // world
+
+
+def build_model(ckpt: LoadedCheckpoint, cfg: dict[str, Any]) -> FCN:
+    """The dilated backbone holding the checkpoint and the two heads, drawn from torch's global RNG."""
+    return FCN(dilated_backbone_from_checkpoint(ckpt), cfg["num_classes"], cfg["decode_channels"], cfg["aux_channels"],
+               cfg["dropout"])
+
+
+def train_fcn(ckpt: LoadedCheckpoint, cfg: dict[str, Any], voc_dir: Path, run_dir: Path, *,
+              device: torch.device, seed: int = 0, num_workers: int = 2, until: int | None = None) -> SegResult:
+    """Train FCN on VOC12 train + aug and evaluate on val every `eval_interval` iterations and at the end.
+
+    The state is checkpointed in `run_dir` and resumed from there by a run with the same checkpoint,
+    config, seed and world size. until: stop after that many iterations (the schedule still spans max_iters).
+    """
+    world, rank = dist.world_size(), dist.rank()
+    per_process = batch_per_process(cfg, world)
+    torch.manual_seed(seed)  # the heads' init and the dropout masks; a resumed run restores the RNG states
+    model = engine.ddp.prepare(build_model(ckpt, cfg), device)
+    module = model.module if hasattr(model, "module") else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                                weight_decay=cfg["weight_decay"])
+
+    scale = tuple(cfg["img_scale"])
+    pipeline = TrainPipeline(cfg["crop_size"], scale, tuple(cfg["ratio_range"]), cfg["cat_max_ratio"], cfg["flip_prob"],
+                             PhotoMetricDistortion() if cfg["photometric_distortion"] else None)
+    train_set = engine.SeededDataset(SegmentationTrainSet(voc12aug_pairs(voc_dir, "train"), pipeline), seed)
+    sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=seed, drop_last=True)
+    data = engine.EpochLoader(train_set, sampler, per_process, drop_last=True, num_workers=num_workers)
+    val_set = SegmentationEvalSet(voc12aug_pairs(voc_dir, "val"), scale)
+    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=1, num_workers=num_workers)
+    evaluator = SemSegEvaluator(cfg["num_classes"], cfg["ignore_index"], CLASSES, device=device)
+
+    def step(trainer: engine.Trainer, batch: Any) -> dict[str, torch.Tensor]:
+        images, labels = (t.to(device, non_blocking=True) for t in batch)
+        out = trainer.model(images)
+        return {"decode": cfg["decode_loss_weight"] * seg_loss(out["seg"], labels, cfg["ignore_index"]),
+                "aux": cfg["aux_loss_weight"] * seg_loss(out["aux"], labels, cfg["ignore_index"])}
+
+    def evaluate() -> dict[str, Any]:
+        # the unwrapped module: DDP's forward would sync buffers, and the ranks' shards may differ in length
+        return engine.inference_on_dataset(
+            module, val_loader, evaluator, precision=cfg["precision"], device=device, desc="val",
+            forward=lambda m, b: [predict(m, b[0].to(device), tuple(b[1].shape[-2:]))])
+
+    schedule = engine.LRSchedule.from_config(cfg["lr_schedule"], total=cfg["max_iters"])
+    eval_hook = engine.EvalHook(cfg["eval_interval"], evaluate, by_epoch=False)
+    hooks = [
+        engine.LRSchedulerHook(engine.LRScheduler(optimizer, schedule)),
+        eval_hook,
+        engine.MetricLogger(run_dir / "metrics.jsonl", images_per_iter=per_process, terms=True),
+        engine.PeriodicCheckpointer(cfg["checkpoint_interval"], by_epoch=False, keep=1),
+    ]
+    key = engine.ResumeKey(ckpt.sha256, config.fingerprint(cfg), seed, world)
+    trainer = engine.Trainer(model, optimizer, data, step, max_iters=cfg["max_iters"], hooks=hooks,
+                             checkpointer=engine.Checkpointer(run_dir, key), precision=cfg["precision"],
+                             device=device, name="voc12aug_fcn")
+    trainer.train(until=until)
+    return SegResult(eval_hook.history[-1] if eval_hook.history else {}, eval_hook.history)
