@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densecl_bench.checkpoint import CheckpointError, load_checkpoint
-from densecl_bench.segmentation.model import FCN, DilatedResNet, FCNHead, dilated_backbone_from_checkpoint, predict, seg_loss
+from densecl_bench.segmentation.model import FCN, FCNHead, dilated_backbone_from_checkpoint, predict, seg_loss
 
 # mmseg ResNet config of PROTOCOLS.md §8: strides (1, 2, 1, 1), dilations (1, 1, 2, 4), contract_dilation=True
 MMSEG_STRIDES, MMSEG_DILATIONS, BLOCKS = (1, 2, 1, 1), (1, 1, 2, 4), (3, 4, 6, 3)
@@ -26,7 +26,7 @@ def mmseg_block(stage: int, block: int) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def backbone():
     torch.manual_seed(0)
-    return DilatedResNet("resnet50")
+    return dilated_backbone_from_checkpoint(load_checkpoint("random"))
 
 
 def test_blocks_equal_mmseg_dilations_strides_and_contract_dilation(backbone):
@@ -74,7 +74,7 @@ def test_heads_follow_mmseg_fcn_head():
 
 def test_fcn_outputs_aux_only_in_training():
     torch.manual_seed(0)
-    model = FCN(DilatedResNet(), num_classes=5)
+    model = FCN(dilated_backbone_from_checkpoint(load_checkpoint("random")), num_classes=5)
     out = model.train()(torch.randn(2, 3, 32, 32))
     assert out["seg"].shape == out["aux"].shape == (2, 5, 4, 4)
     assert set(model.eval()(torch.randn(1, 3, 32, 32))) == {"seg"}

@@ -20,21 +20,20 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from densecl_bench.checkpoint import _NBT, CheckpointError, LoadedCheckpoint
+from densecl_bench.checkpoint import LoadedCheckpoint, build_trainable
 
 NormLayer = Callable[[int], nn.Module]
 DILATED_ARCHS = ("resnet50", "resnet101")  # Bottleneck nets: torchvision's BasicBlock refuses dilation > 1
 
 
-class DilatedResNet(nn.Module):
-    """ResNet stem + layer1..layer4 with layer3/layer4 dilated (output stride 8); returns (layer3, layer4)."""
+D8 = (False, True, True)  # torchvision's replace_stride_with_dilation for output stride 8
 
-    def __init__(self, arch: str = "resnet50", norm_layer: NormLayer = nn.BatchNorm2d) -> None:
+
+class DilatedResNet(nn.Module):
+    """ResNet stem + layer1..layer4 of a D8 torchvision ResNet (output stride 8); returns (layer3, layer4)."""
+
+    def __init__(self, net: torchvision.models.ResNet) -> None:
         super().__init__()
-        if arch not in DILATED_ARCHS:
-            raise ValueError(f"FCN-D8 needs a Bottleneck ResNet ({', '.join(DILATED_ARCHS)}), got {arch!r}")
-        net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm_layer,
-                                                replace_stride_with_dilation=[False, True, True])
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
 
@@ -45,19 +44,11 @@ class DilatedResNet(nn.Module):
 
 
 def dilated_backbone_from_checkpoint(ckpt: LoadedCheckpoint, norm_layer: NormLayer = nn.BatchNorm2d) -> DilatedResNet:
-    """The dilated ResNet holding every tensor of `ckpt` (strict: only `ckpt.missing_keys` and BN
-    `num_batches_tracked` counters may be absent, nothing may be left over).
-
-    Stand-in for the shared `RunContext.trainable_backbone(norm_layer=..., replace_stride_with_dilation=...)`.
-    """
-    model = DilatedResNet(ckpt.arch, norm_layer)
-    result = model.load_state_dict(ckpt.state_dict, strict=False)
-    missing = {k for k in result.missing_keys if not k.endswith(_NBT)}
-    if result.unexpected_keys or missing != set(ckpt.missing_keys):
-        raise CheckpointError(f"{ckpt.path}: state dict does not fit a dilated {ckpt.arch}: "
-                              f"missing {sorted(missing)[:8]}, unexpected {result.unexpected_keys[:8]} "
-                              f"[layout: {ckpt.layout}]")
-    return model
+    """The D8 ResNet holding every tensor of `ckpt`, loaded strictly by the loader every fine-tuning
+    benchmark shares (`checkpoint.build_trainable`, behind `RunContext.trainable_backbone`)."""
+    if ckpt.arch not in DILATED_ARCHS:
+        raise ValueError(f"FCN-D8 needs a Bottleneck ResNet ({', '.join(DILATED_ARCHS)}), got {ckpt.arch!r}")
+    return DilatedResNet(build_trainable(ckpt, norm_layer=norm_layer, replace_stride_with_dilation=D8))
 
 
 def _conv_module(cin: int, cout: int, norm_layer: NormLayer) -> nn.Sequential:
