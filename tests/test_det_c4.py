@@ -36,8 +36,8 @@ def test_torchvision_r50_loads_with_every_tensor_used():
     assert torch.equal(state["backbone.layer3.5.bn3.running_var"], sd["layer3.5.bn3.running_var"])
     assert torch.equal(state["roi_heads.box_head.res5.0.conv2.weight"], sd["layer4.0.conv2.weight"])
     # besides the checkpoint's tensors, only the new parts: RPN, the extra norm, the predictor
-    new = {k.split(".")[0] + "." + k.split(".")[1] for k in state
-           if not (k.startswith("backbone.") or k.startswith("roi_heads.box_head.res5."))}
+    new = {".".join(k.split(".")[:2]) for k in state
+           if not k.startswith(("backbone.", "roi_heads.box_head.res5."))}
     assert new == {"rpn.head", "roi_heads.box_head", "roi_heads.box_predictor"}
     assert {k for k in state if k.startswith("roi_heads.box_head.") and ".res5." not in k} == {
         f"roi_heads.box_head.norm.{n}" for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}

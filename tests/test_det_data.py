@@ -93,24 +93,32 @@ def test_test_sample_and_scaling_back(image: Path):
     assert out[0]["boxes"].tolist() == [[6, 4, 30, 20]] and out[0]["scores"].tolist() == [pytest.approx(0.9)]
 
 
-def _write_voc(root: Path, year: str, split: str, ids: list[str]) -> None:
+def write_voc(root: Path, year: str, split: str, ids: list[str]) -> None:
+    """A VOCdevkit/VOC<year> with `ids` in ImageSets/Main/<split>.txt: 80x64 images, one dog box each
+    (a bright rectangle at the XML's corners 5..30 x 6..20) and one difficult cat box."""
     voc = root / "VOCdevkit" / f"VOC{year}"
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (voc / sub).mkdir(parents=True, exist_ok=True)
     with open(voc / "ImageSets" / "Main" / f"{split}.txt", "a") as f:
         f.writelines(f"{i}\n" for i in ids)
+    pixels = np.full((64, 80, 3), 30, np.uint8)
+    pixels[6:21, 5:31] = (230, 180, 40)
     for i in ids:
+        Image.fromarray(pixels).save(voc / "JPEGImages" / f"{i}.jpg", quality=95)
+        objects = "".join(
+            f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{x1}</xmin>"
+            f"<ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+            for name, difficult, (x1, y1, x2, y2) in (("dog", 0, (5, 6, 30, 20)), ("cat", 1, (50, 40, 70, 60))))
         (voc / "Annotations" / f"{i}.xml").write_text(
-            f"<annotation><size><width>60</width><height>40</height></size><object><name>dog</name>"
-            f"<difficult>0</difficult><bndbox><xmin>5</xmin><ymin>6</ymin><xmax>30</xmax><ymax>20</ymax>"
-            f"</bndbox></object></annotation>")
+            f"<annotation><size><width>80</width><height>64</height></size>{objects}</annotation>")
 
 
 def test_voc0712_reads_both_trainvals_and_the_07_test(tmp_path: Path):
-    _write_voc(tmp_path, "2007", "trainval", ["000001"])
-    _write_voc(tmp_path, "2007", "test", ["000002", "000003"])
-    _write_voc(tmp_path, "2012", "trainval", ["2012_000001"])
+    write_voc(tmp_path, "2007", "trainval", ["000001"])
+    write_voc(tmp_path, "2007", "test", ["000002", "000003"])
+    write_voc(tmp_path, "2012", "trainval", ["2012_000001"])
     train, test = voc0712(tmp_path)
     assert [r.image_id for r in train] == ["000001", "2012_000001"]
     assert [r.image_id for r in test] == ["000002", "000003"]
-    assert train[1].boxes.tolist() == [[5, 6, 30, 20]] and train[1].labels.tolist() == [11]
+    assert train[1].boxes.tolist() == [[5, 6, 30, 20], [50, 40, 70, 60]] and train[1].labels.tolist() == [11, 7]
+    assert train[1].difficult.tolist() == [False, True]

@@ -19,8 +19,12 @@ Where they differ (PROTOCOLS.md §12):
 |---|---|---|
 | hit | IoU >= thr | IoU > thr |
 | thresholds | 0.5 only (`AP50`) | 0.50:0.95 step 0.05 (`AP` = their mean, `AP50`, `AP75`) |
-| coordinates | as predicted, GT as in the XML | predictions written with `xmin + 1, ymin + 1` (the inverse of the −1 the d2 loader applies to the training GT), `%.1f`; scores `%.3f` |
-| mean over classes | classes with at least one non-difficult GT | all classes (a class without GT counts 0) |
+| coordinates | as predicted; GT as in the XML | predictions written as `xmin+1 ymin+1 xmax ymax` with `%.1f` |
+| scores | as predicted | written with `%.3f` (more ties) |
+| mean over classes | classes with a non-difficult GT | all classes (one without GT counts 0) |
+
+The d2 `+1` undoes the `-1` its loader applies to the training GT's xmin / ymin, so a model trained
+on d2 data is scored against the XML boxes.
 
 A class without positives has AP 0 in both. Scores that tie keep the order in which the detections
 were processed (image order of `process`, then each image's output order): a stable sort, where the
@@ -31,7 +35,7 @@ one implementation serves both.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,16 +155,19 @@ class VOCDetectionEvaluator(DatasetEvaluator):
     """VOC07-test AP of a detector, `mmdet` or `d2` flavour (module docstring), in percent.
 
     ground_truth: every test image's record (boxes as the XML states them), including images the
-    detector finds nothing in. process(inputs, outputs): inputs are per-image dicts with "image_id",
-    outputs torchvision-style dicts with "boxes" (xyxy, in the original image's pixels), "scores" and
-    "labels" (1..C, 0 being the background). Each rank processes its shard; evaluate() gathers.
+    detector finds nothing in. process(inputs, outputs): `image_ids(inputs)` names the batch's images
+    (by default inputs is a sequence of dicts with "image_id"); outputs are torchvision-style dicts with
+    "boxes" (xyxy, in the original image's pixels), "scores" and "labels" (1..C, 0 being the
+    background). Each rank processes its shard; evaluate() gathers.
 
     Results: {"AP50": mAP, "per_class": {name: AP50}} (mmdet); {"AP", "AP50", "AP75", "per_class"} (d2).
     """
 
     def __init__(self, ground_truth: Iterable[DetectionRecord], flavour: str = "mmdet",
-                 class_names: Sequence[str] = VOC_CLASSES) -> None:
+                 class_names: Sequence[str] = VOC_CLASSES,
+                 image_ids: Callable[[Any], Sequence[str]] | None = None) -> None:
         self.flavour = Flavour.of(flavour)
+        self.image_ids = image_ids or (lambda inputs: [t["image_id"] for t in inputs])
         self.class_names = tuple(class_names)
         records = list(ground_truth)
         self.image_index = {r.image_id: i for i, r in enumerate(records)}
@@ -174,9 +181,8 @@ class VOCDetectionEvaluator(DatasetEvaluator):
     def reset(self) -> None:
         self._predictions: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def process(self, inputs: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, Any]]) -> None:
-        for target, out in zip(inputs, outputs, strict=True):
-            image_id = target["image_id"]
+    def process(self, inputs: Any, outputs: Sequence[Mapping[str, Any]]) -> None:
+        for image_id, out in zip(self.image_ids(inputs), outputs, strict=True):
             if image_id not in self.image_index:
                 raise KeyError(f"image {image_id!r} is not in the ground truth")
             boxes = np.asarray(_numpy(out["boxes"]), np.float64).reshape(-1, 4).copy()
