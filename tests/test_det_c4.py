@@ -39,8 +39,9 @@ def test_torchvision_r50_loads_with_every_tensor_used():
     new = {".".join(k.split(".")[:2]) for k in state
            if not k.startswith(("backbone.", "roi_heads.box_head.res5."))}
     assert new == {"rpn.head", "roi_heads.box_head", "roi_heads.box_predictor"}
+    norm = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     assert {k for k in state if k.startswith("roi_heads.box_head.") and ".res5." not in k} == {
-        f"roi_heads.box_head.norm.{n}" for n in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+        f"roi_heads.box_head.norm.{n}" for n in norm}
 
 
 def test_res5_strides_in_the_3x3_and_nothing_is_frozen():

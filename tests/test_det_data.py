@@ -6,18 +6,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DistributedSampler
 
 from densecl_bench.data.voc import DetectionRecord
 from densecl_bench.detection.data import (
     TRAIN_SIZES,
     DetectionTestSet,
     DetectionTrainSet,
+    collate,
     resized_shape,
     to_original,
     training_boxes,
     voc0712,
 )
-from densecl_bench.engine import SeededDataset
+from densecl_bench.engine import EpochLoader, SeededDataset
 
 
 def record(image: Path, boxes, labels, difficult, image_id="a", size=(40, 60)) -> DetectionRecord:
@@ -122,3 +124,19 @@ def test_voc0712_reads_both_trainvals_and_the_07_test(tmp_path: Path):
     assert [r.image_id for r in test] == ["000002", "000003"]
     assert train[1].boxes.tolist() == [[5, 6, 30, 20], [50, 40, 70, 60]] and train[1].labels.tolist() == [11, 7]
     assert train[1].difficult.tolist() == [False, True]
+
+
+def test_training_batches_resume_mid_epoch(image: Path):
+    # the trainer resumes at batch i of epoch e: the same images with the same draws as the uninterrupted run
+    records = [record(image, [[6, 4, 30, 20]], [7], [False], image_id=str(i)) for i in range(6)]
+    data = SeededDataset(DetectionTrainSet(records, sizes=(40, 48, 56, 64)), seed=5)
+    loader = EpochLoader(data, DistributedSampler(data, 1, 0, shuffle=True, seed=5), 2, drop_last=True,
+                         collate_fn=collate)
+
+    def summary(batches):
+        return [[(t["image_id"], tuple(im.shape), t["boxes"].tolist()) for im, t in zip(*b)] for b in batches]
+
+    full = summary(loader.epoch(1))
+    assert len(full) == 3
+    assert summary(loader.epoch(1, start=1)) == full[1:]
+    assert summary(loader.epoch(0)) != full
