@@ -6,12 +6,14 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.detection._utils import Matcher
 
 from densecl_bench.backbone import random_state_dict
 from densecl_bench.checkpoint import LoadedCheckpoint
 from densecl_bench.detection.c4 import (
     C4RPN,
     C4Config,
+    MMDetLowQualityMatcher,
     UnroundedAnchorGenerator,
     c4_from_checkpoint,
     fastrcnn_l1_loss,
@@ -123,3 +125,16 @@ def test_tiny_train_step_and_inference():
         assert len(o["boxes"]) <= TINY.detections_per_image
         assert ((o["labels"] >= 1) & (o["labels"] <= 20)).all() and (o["scores"] > 0.05).all()
         assert (o["boxes"][:, 2] <= w).all() and (o["boxes"][:, 3] <= h).all()
+
+
+def test_mmdet_low_quality_matching():
+    iou = torch.tensor([[0.45, 0.10, 0.00, 0.00, 0.20],   # GT 0: best anchor 0, whose own best GT is 1
+                        [0.50, 0.60, 0.00, 0.00, 0.10],   # GT 1: best anchor 1
+                        [0.00, 0.00, 0.25, 0.10, 0.28]])  # GT 2: best IoU 0.28 < min_pos_iou 0.3
+    # mmdet: GT 0 claims anchor 0, GT 2 claims nothing; detectron2 / torchvision: each best anchor keeps its
+    # own best GT, and GT 2's best anchor is matched at any IoU
+    assert MMDetLowQualityMatcher(0.7, 0.3, 0.3)(iou).tolist() == [0, 1, -1, -1, -1]
+    assert Matcher(0.7, 0.3, allow_low_quality_matches=True)(iou).tolist() == [1, 1, -1, -1, 2]
+    model = C4RPN(UnroundedAnchorGenerator(), nn.Identity(), 0.7, 0.3, 256, 0.5, {"training": 1, "testing": 1},
+                  {"training": 1, "testing": 1}, 0.7, min_pos_iou=0.3)
+    assert isinstance(model.proposal_matcher, MMDetLowQualityMatcher)

@@ -23,7 +23,8 @@ FULL = {  # §6.1 and the mmdet config MMSelfSup 0.x used (§6.3)
     "flip_prob": 0.5, "test_size": 800, "precision": "fp32",
     "model": {"anchor_sizes": [32, 64, 128, 256, 512], "aspect_ratios": [0.5, 1.0, 2.0], "rpn_pre_nms_train": 12000,
               "rpn_post_nms_train": 2000, "rpn_pre_nms_test": 6000, "rpn_post_nms_test": 1000, "rpn_nms": 0.7,
-              "rpn_batch_per_image": 256, "rpn_positive_fraction": 0.5, "allowed_border": 0, "rois_per_image": 512,
+              "rpn_batch_per_image": 256, "rpn_positive_fraction": 0.5, "allowed_border": 0, "rpn_min_pos_iou": 0.3,
+              "rois_per_image": 512,
               "roi_positive_fraction": 0.25, "pooler_resolution": 14, "score_thresh": 0.05, "nms": 0.5,
               "detections_per_image": 100},
 }
@@ -38,10 +39,10 @@ def test_config_pins_the_protocol():
     for key, value in {**FULL, **D2}.items():
         if key != "model":
             assert d2[key] == value, key
-    assert d2["model"] == {**FULL["model"], "allowed_border": None}
+    assert d2["model"] == {**FULL["model"], "allowed_border": None, "rpn_min_pos_iou": None}
     # the model's own defaults are the protocol's too (fields the config does not list: IoUs, box weights)
     model = C4Config.from_dict(cfg["model"])
-    assert model == C4Config(allowed_border=0)
+    assert model == C4Config(allowed_border=0, rpn_min_pos_iou=0.3)
     assert (model.rpn_fg_iou, model.rpn_bg_iou, model.roi_fg_iou, model.bbox_reg_weights) == (0.7, 0.3, 0.5,
                                                                                               (10, 10, 5, 5))
     with pytest.raises(ValueError, match="unknown C4 model settings: rpn_topk"):

@@ -8,8 +8,8 @@ torchvision gives `GeneralizedRCNN`, `RegionProposalNetwork`, `RPNHead`, `RoIHea
 - `UnroundedAnchorGenerator`: sizes 32..512 x ratios 0.5/1/2 at stride 16, cell anchors not rounded
   to integers (detectron2 `DefaultAnchorGenerator`, mmdet 2.x `AnchorGenerator`; torchvision rounds);
 - `C4RPN`: L1 box loss (detectron2 SMOOTH_L1_BETA 0, mmdet `L1Loss`; torchvision hard-codes smooth-L1
-  with beta 1/9) and mmdet's `allowed_border=0` (anchors crossing the image border take no part in
-  the assignment) when asked for;
+  with beta 1/9) and, when asked for, mmdet's anchor rules: `allowed_border=0` (anchors crossing the
+  image border take no part in the assignment) and `MMDetLowQualityMatcher` (`min_pos_iou=0.3`);
 - `RoIAlignC4`: `ops.roi_align` 14x14 at 1/16, sampling_ratio 0, aligned=True (detectron2 ROIAlignV2,
   mmcv `RoIAlign(14, sampling_ratio=0)`); `MultiScaleRoIAlign` cannot pass `aligned`;
 - `Res5Head`: the checkpoint's layer4 (stride 2 in the first block's 3x3, as torchvision) on the
@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
@@ -69,6 +70,7 @@ class C4Config:
     rpn_batch_per_image: int = 256
     rpn_positive_fraction: float = 0.5
     allowed_border: float | None = None  # mmdet C4: 0; detectron2: no such rule
+    rpn_min_pos_iou: float | None = None  # mmdet: 0.3 (`MMDetLowQualityMatcher`); None: detectron2's matcher
     roi_fg_iou: float = 0.5
     roi_bg_iou: float = 0.5
     rois_per_image: int = 512
@@ -127,12 +129,36 @@ def rpn_l1_loss(objectness: Tensor, deltas: Tensor, labels: Tensor, targets: Ten
     return F.binary_cross_entropy_with_logits(objectness[sampled], labels[sampled]), box
 
 
-class C4RPN(RegionProposalNetwork):
-    """torchvision's RPN with the L1 box loss and, if `allowed_border` is set, mmdet's border rule."""
+class MMDetLowQualityMatcher(Matcher):
+    """mmdet 2.x `MaxIoUAssigner(match_low_quality=True, min_pos_iou, gt_max_assign_all=True)`.
 
-    def __init__(self, *args: Any, allowed_border: float | None = None, **kwargs: Any) -> None:
+    The low-quality step differs from detectron2's (torchvision's) `Matcher`: only a GT whose best
+    IoU reaches `min_pos_iou` gets its best anchors (all ties), and such an anchor is assigned to
+    that GT (the last one, in GT order, when several claim it), not to its own best GT.
+    """
+
+    def __init__(self, high: float, low: float, min_pos_iou: float) -> None:
+        super().__init__(high, low, allow_low_quality_matches=True)
+        self.min_pos_iou = min_pos_iou
+
+    def set_low_quality_matches_(self, matches: Tensor, all_matches: Tensor, match_quality_matrix: Tensor) -> None:
+        best = match_quality_matrix.max(dim=1).values
+        claims = (match_quality_matrix == best[:, None]) & (best >= self.min_pos_iou)[:, None]
+        order = torch.arange(1, len(best) + 1, device=matches.device)[:, None]
+        last = (claims * order).max(dim=0).values  # 1 + the last claiming GT, 0 for none
+        matches[last > 0] = last[last > 0] - 1
+
+
+class C4RPN(RegionProposalNetwork):
+    """torchvision's RPN with the L1 box loss and, when set, mmdet's border rule and low-quality matching."""
+
+    def __init__(self, *args: Any, allowed_border: float | None = None, min_pos_iou: float | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.allowed_border = allowed_border
+        if min_pos_iou is not None:
+            self.proposal_matcher = MMDetLowQualityMatcher(self.proposal_matcher.high_threshold,
+                                                           self.proposal_matcher.low_threshold, min_pos_iou)
         self._image_sizes: list[tuple[int, int]] = []
 
     def forward(self, images: ImageList, features: dict[str, Tensor],
@@ -266,7 +292,7 @@ def build_c4(backbone: Backbone, cfg: C4Config = C4Config()) -> GeneralizedRCNN:
         cfg.rpn_fg_iou, cfg.rpn_bg_iou, cfg.rpn_batch_per_image, cfg.rpn_positive_fraction,
         {"training": cfg.rpn_pre_nms_train, "testing": cfg.rpn_pre_nms_test},
         {"training": cfg.rpn_post_nms_train, "testing": cfg.rpn_post_nms_test},
-        cfg.rpn_nms, allowed_border=cfg.allowed_border,
+        cfg.rpn_nms, allowed_border=cfg.allowed_border, min_pos_iou=cfg.rpn_min_pos_iou,
     )
     head = Res5Head(backbone)
     predictor = FastRCNNPredictor(head.out_channels, cfg.num_classes + 1)
