@@ -275,10 +275,10 @@ class PadBatch(nn.Module):
 
 
 def backbone_from_checkpoint(ckpt: LoadedCheckpoint) -> Backbone:
-    """A trainable copy of the checkpoint's backbone (train mode, gradients on).
+    """A trainable copy of the checkpoint's backbone (train mode, gradients on, nothing frozen).
 
-    Stands in for `RunContext.trainable_backbone` until that lands; `build_backbone` refuses a state
-    dict that does not fit the architecture.
+    The C4 model takes the stem..layer3 trunk and layer4 (the res5 head) by name, which the project's
+    `Backbone` exposes; `build_backbone` refuses a state dict that does not fit the architecture.
     """
     return build_backbone(ckpt).train().requires_grad_(True)
 
