@@ -83,3 +83,24 @@ def test_plugin_runs_on_the_engine(tmp_path: Path, profile: str):
         assert m.extra["test_images"] == 2
     latest = torch.load(tmp_path / "run" / plugin.name / "latest.pth", weights_only=False)
     assert latest["meta"]["iter"] == 2
+
+
+def test_a_run_stopped_mid_schedule_resumes_to_the_same_weights(tmp_path: Path, caplog):
+    write_voc(tmp_path, "2007", "trainval", ["000001", "000003"])
+    write_voc(tmp_path, "2007", "test", ["000002"])
+    write_voc(tmp_path, "2012", "trainval", ["2012_000001"])
+    cfg = config.load(NAME, "benchmarks", "demo")
+    cfg.update(max_iters=3, total_batch_size=1, checkpoint_period=1,
+               model={**cfg["model"], "rpn_post_nms_train": 8, "rpn_post_nms_test": 4, "rois_per_image": 4})
+    plugin = Voc0712FasterRcnnC4()
+    full = plugin.train(_context(tmp_path, tmp_path / "full", cfg))
+    plugin.train(_context(tmp_path, tmp_path / "cut", cfg), until=1)
+    assert torch.load(tmp_path / "cut" / plugin.name / "latest.pth", weights_only=False)["meta"]["iter"] == 1
+    with caplog.at_level("INFO", logger="densecl_bench.engine.checkpoint"):
+        resumed = plugin.train(_context(tmp_path, tmp_path / "cut", cfg))
+    assert "iteration 1" in caplog.text  # it resumed, and did not train again from scratch
+    a, b = (torch.load(tmp_path / run / plugin.name / "latest.pth", weights_only=False) for run in ("full", "cut"))
+    assert a["meta"]["iter"] == b["meta"]["iter"] == 3
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert resumed["AP50"] == full["AP50"]

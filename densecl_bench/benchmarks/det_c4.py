@@ -47,6 +47,16 @@ class Voc0712FasterRcnnC4(Benchmark):
         return [devkit / "VOC2007" / "Annotations", devkit / "VOC2012" / "Annotations"]
 
     def run(self, ctx: RunContext) -> list[Metric]:
+        results = self.train(ctx)
+        names = ("AP", "AP50", "AP75") if ctx.config["flavour"] == "d2" else ("AP50",)
+        return [Metric(self.name, n, results[n], results["extra"]) for n in names]
+
+    def train(self, ctx: RunContext, until: int | None = None) -> dict[str, Any]:
+        """Fine-tune (resuming from `run_dir` when the resume rule allows) and evaluate at the end.
+
+        until: stop after that many iterations, checkpointed (the schedule still spans max_iters, so
+        the next call continues the same run). Returns the last evaluation, with the record's extras.
+        """
         cfg, world, rank, dev = ctx.config, dist.world_size(), dist.rank(), ctx.device
         train_records, test_records = voc0712(ctx.data_root)
         boxes = training_boxes(train_records, cfg["flavour"])
@@ -93,10 +103,9 @@ class Voc0712FasterRcnnC4(Benchmark):
         trainer = engine.Trainer(model, optimizer, data, lambda t, b: losses(t.model, b), max_iters=cfg["max_iters"],
                                  hooks=hooks, checkpointer=engine.Checkpointer(out_dir, key),
                                  precision=cfg["precision"], device=dev, name=self.name)
-        trainer.train()
+        trainer.train(until=until)
 
-        results = evaluation.history[-1]
-        extra = {"flavour": cfg["flavour"], "per_class_AP50": results["per_class"], "backbone_tensors": loaded,
+        results = evaluation.history[-1] if evaluation.history else {}
+        extra = {"flavour": cfg["flavour"], "per_class_AP50": results.get("per_class"), "backbone_tensors": loaded,
                  "training_boxes": boxes.counts(), "test_images": len(test_records)}
-        names = ("AP", "AP50", "AP75") if cfg["flavour"] == "d2" else ("AP50",)
-        return [Metric(self.name, n, results[n], extra) for n in names]
+        return {**results, "extra": extra}
