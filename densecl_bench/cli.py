@@ -167,13 +167,19 @@ def run(benchmarks: tuple[str, ...], ckpt: str, data_root: Path | None, runs_dir
     Exits 1 when a stage failed, a benchmark named here was skipped, or nothing ran.
     """
     from densecl_bench import dist
+    from densecl_bench.engine import TrainingInterrupted
     from densecl_bench.runner import run_suite
     from densecl_bench.tables import render_run_dir
 
-    result = run_suite(list(benchmarks), ckpt, data_root=data_root, runs_dir=runs_dir, run_id=run_id, label=label,
-                       profiles=[p.strip() for p in profiles.split(",") if p.strip()], trials=trials, seed=seed,
-                       arch=arch, allow_partial=allow_partial, device=device, num_workers=workers,
-                       on_bad_image="skip" if skip_bad_images else "raise", precision=precision, echo=click.echo)
+    try:
+        result = run_suite(list(benchmarks), ckpt, data_root=data_root, runs_dir=runs_dir, run_id=run_id,
+                           label=label, profiles=[p.strip() for p in profiles.split(",") if p.strip()],
+                           trials=trials, seed=seed, arch=arch, allow_partial=allow_partial, device=device,
+                           num_workers=workers, on_bad_image="skip" if skip_bad_images else "raise",
+                           precision=precision, echo=click.echo)
+    except TrainingInterrupted as err:  # the same command resumes the stage and skips the finished ones
+        click.echo(str(err), err=True)
+        sys.exit(err.exit_code)
     problems = result.problems()
     if dist.is_main():
         click.echo(f"\nrun: {result.run_dir}\n")

@@ -33,6 +33,7 @@ from densecl_bench import config, dist, paths, registry
 from densecl_bench.backbone import Backbone, freeze
 from densecl_bench.benchmarks.base import Benchmark, Metric, RunContext
 from densecl_bench.checkpoint import LoadedCheckpoint, build_backbone, load_checkpoint
+from densecl_bench.engine import TrainingInterrupted
 from densecl_bench.engine import precision as precision_mod
 from densecl_bench.errors import UserError, user_errors
 from densecl_bench.results import Ledger, provenance
@@ -281,7 +282,7 @@ def _run_benchmark(suite: _Suite, bench: Benchmark, trials: int) -> list[StageOu
         start = time.perf_counter()
         try:
             metrics = _run_stage(bench, ctx)
-        except user_errors():
+        except (*user_errors(), TrainingInterrupted):  # Ctrl-C / SIGTERM stops the suite, state saved
             raise
         except Exception as err:  # one broken benchmark must not lose the others
             if dist.is_dist():

@@ -264,3 +264,21 @@ def test_data_shorter_than_promised_and_repeated_hooks_are_errors():
         Trainer(model, opt, Short(), ce, max_iters=3).train()
     with pytest.raises(ValueError, match="own `name`"):
         Trainer(model, opt, Short(), ce, max_iters=3, hooks=[Kill(1), Kill(2)])
+
+
+def test_a_failed_final_evaluation_leaves_no_checkpoint_that_looks_finished(tmp_path):
+    """The checkpointer runs after the eval hook; had it saved, a re-run would skip the evaluation."""
+
+    class FailingEval(HookBase):
+        def after_step(self) -> None:
+            if self.trainer.iter == self.trainer.max_iters:
+                raise RuntimeError("evaluation failed")
+
+    schedule = LRSchedule("step", total=30, steps=(20,), by_epoch=False)
+    t = build(tmp_path, schedule=schedule, max_iters=6, by_epoch=False)
+    failing = FailingEval()
+    failing.trainer = t
+    t.hooks.insert(1, failing)  # before the checkpointer, as the EvalHook is
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        t.train()
+    assert load(tmp_path / "latest.pth")["meta"]["iter"] == 4  # the last periodic save, not iteration 6

@@ -266,6 +266,8 @@ def test_resume_needs_the_same_global_batch_and_no_resume_starts_afresh(images, 
     train(tiny_cfg(epochs=2), images, tmp_path, max_epochs=1)
     with pytest.raises(ConfigError, match="global batch of 4, this run has 6"):
         train(tiny_cfg(epochs=2, data={"batch_size_per_gpu": 6}, model={"queue_len": 18}), images, tmp_path)
+    with pytest.raises(ConfigError, match="belongs to another run: .*--no-resume"):
+        train(tiny_cfg(epochs=2, seed=1), images, tmp_path)  # never silently overwritten
     first = load_ckpt(tmp_path / "epoch_1.pth")["state_dict"]
     train(tiny_cfg(epochs=2), images, tmp_path, resume=False, max_epochs=1)
     again = load_ckpt(tmp_path / "latest.pth")

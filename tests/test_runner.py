@@ -119,3 +119,22 @@ def test_cli_run_knn_end_to_end_on_demo_data(tmp_path, monkeypatch):
     ref = Path(__file__).parents[1] / "results" / "reference" / "densecl_r50_8xb32-coslr-200e.json"
     gate = cli.invoke(main, ["regress", "runs/demo", "--reference", str(ref), "--allow-missing", "--two-sided"])
     assert gate.exit_code == 1 and "FAIL" in gate.output  # a random init on demo data is far from DenseCL
+
+
+def test_a_stage_stopped_by_a_signal_stops_the_suite_with_its_exit_code(tmp_path, fake_registry, monkeypatch):
+    """SIGTERM/Ctrl-C inside a training stage is not one failed benchmark: the suite stops, state saved."""
+    import signal
+
+    from densecl_bench.engine import TrainingInterrupted
+
+    def interrupted(self, ctx):
+        CALLS.append(self.name)
+        raise TrainingInterrupted(tmp_path / "latest.pth", signal.SIGTERM)
+
+    monkeypatch.setattr(FirstBench, "run", interrupted)
+    with pytest.raises(TrainingInterrupted):
+        runner.run_suite(["all"], "random", arch="resnet18", runs_dir=tmp_path, run_id="s", echo=lambda *_: None)
+    assert CALLS == ["voc07_svm"]  # the next benchmark did not start
+    out = CliRunner().invoke(main, ["run", "all", "--ckpt", "random", "--arch", "resnet18", "--runs-dir",
+                                    str(tmp_path), "--run-id", "s"])
+    assert out.exit_code == 128 + signal.SIGTERM and "interrupted by SIGTERM" in out.output

@@ -54,8 +54,9 @@ class Voc0712FasterRcnnC4(Benchmark):
     def train(self, ctx: RunContext, until: int | None = None) -> dict[str, Any]:
         """Fine-tune (resuming from `run_dir` when the resume rule allows) and evaluate at the end.
 
-        until: stop after that many iterations, checkpointed (the schedule still spans max_iters, so
-        the next call continues the same run). Returns the last evaluation, with the record's extras.
+        until: stop after that many iterations (the schedule still spans max_iters; the next call resumes
+        from the last checkpoint, written every `checkpoint_period` iterations). Returns the last
+        evaluation, with the record's extras.
         """
         cfg, world, rank, dev = ctx.config, dist.world_size(), dist.rank(), ctx.device
         train_records, test_records = voc0712(ctx.data_root)
@@ -97,7 +98,7 @@ class Voc0712FasterRcnnC4(Benchmark):
                                               cfg["precise_bn_iters"], by_epoch=False))
         evaluation = engine.EvalHook(0, evaluate, by_epoch=False)
         out_dir = ctx.run_dir / self.name
-        hooks += [evaluation, engine.MetricLogger(out_dir / "metrics.jsonl", images_per_iter=cfg["total_batch_size"]),
+        hooks += [evaluation, engine.MetricLogger(out_dir / "metrics.jsonl", images_per_iter=data.batch_size),
                   engine.PeriodicCheckpointer(cfg["checkpoint_period"], by_epoch=False, keep=1)]
         key = engine.ResumeKey(ctx.checkpoint.sha256, config.fingerprint(cfg), ctx.seed, world)
         trainer = engine.Trainer(model, optimizer, data, lambda t, b: losses(t.model, b), max_iters=cfg["max_iters"],

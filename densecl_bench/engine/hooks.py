@@ -72,6 +72,8 @@ class PeriodicCheckpointer(PeriodicHook):
         checkpointer = self.trainer.checkpointer
         if checkpointer is None:
             raise ValueError(f"{self.trainer.name}: PeriodicCheckpointer needs a trainer with a checkpointer")
+        if self.trainer.failing:  # e.g. the final evaluation failed: never save a state that looks finished
+            return
         snapshot = None
         if self.snapshot_period > 0 and (self.count() % self.snapshot_period == 0 or self.trainer.iter == self.trainer.max_iters):
             snapshot = f"{'epoch' if self.by_epoch else 'iter'}_{self.count()}.pth"

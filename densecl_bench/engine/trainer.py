@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from densecl_bench import dist
 from densecl_bench.engine import precision as precision_mod
 from densecl_bench.engine.checkpoint import Checkpointer
 from densecl_bench.engine.data import TrainData
@@ -182,6 +183,11 @@ class Trainer:
             self._phase("after_train")
             self._agree("after training")
 
+    @property
+    def failing(self) -> bool:
+        """A step or hook on this rank failed since the last agreed point (to be reported there)."""
+        return self._pending is not None
+
     def _phase(self, name: str) -> None:
         """Call every hook's `name`; the first failure is kept for the next agreed point."""
         if name in ("after_step", "after_epoch"):
@@ -210,6 +216,7 @@ class Trainer:
         signum = self._agree(f"iteration {self.iter + 1}", got[0] if got and boundary else 0)
         if signum:
             saved = self.checkpointer.save(self) if self.checkpointer is not None else None
+            dist.barrier()  # rank 0 writes; no rank may exit (and end the others) before the file is complete
             raise TrainingInterrupted(saved, signum)
         self._run_step(batch)
         self.iter += 1

@@ -85,18 +85,23 @@ def build_step(model: DenseCL, device: torch.device, channels_last: bool, warmup
 
 
 def protocol_fingerprint(cfg: dict[str, Any]) -> str:
-    """The config's fingerprint without the settings that only change logging, checkpoint files and workers."""
+    """The config's fingerprint without the settings that only change logging, checkpoint files, workers
+    and the data's location."""
     protocol = {k: v for k, v in cfg.items() if k not in OPERATIONAL_KEYS}
-    protocol["data"] = {k: v for k, v in cfg.get("data", {}).items() if k != "num_workers"}
+    # where the images live is not the protocol (a dataset copied to a local disk resumes)
+    protocol["data"] = {k: v for k, v in cfg.get("data", {}).items() if k not in ("num_workers", "root")}
     return config_mod.fingerprint(protocol)
 
 
-def _check_resumable(latest: Path, global_batch: int, epochs: int) -> None:
-    """Refuse to resume at another global batch or schedule length rather than silently start over.
+def _check_resumable(checkpointer: engine.Checkpointer, global_batch: int, epochs: int) -> None:
+    """Refuse to resume another run rather than silently start over and overwrite it.
 
-    The queues and the data order are cut in global batches, and the cosine spans `epochs`; a
-    different value would otherwise change the resume key and overwrite the run.
+    The engine's rule would start afresh when the resume key differs; for pretraining (days of GPU
+    time in `latest.pth`) that is an error unless the user says `--no-resume`. The global batch and
+    the schedule length get their own messages: the queues and the data order are cut in global
+    batches, and the cosine spans `epochs`.
     """
+    latest = checkpointer.latest
     if not latest.is_file():
         return
     meta = torch.load(latest, map_location="cpu", weights_only=True, mmap=True).get("meta", {})
@@ -107,6 +112,10 @@ def _check_resumable(latest: Path, global_batch: int, epochs: int) -> None:
     if done_epochs != epochs:
         raise ConfigError(f"{latest} follows a {done_epochs}-epoch schedule, this run has {epochs}; "
                           "resume with the same --epochs (or --no-resume)")
+    why = checkpointer.key.mismatch(meta.get("resume_key"))
+    if why is not None:
+        raise ConfigError(f"{latest} belongs to another run: {why}; resume with the same config, seed and "
+                          "number of processes, or start afresh over it with --no-resume (or another --work-dir)")
 
 
 def train(
@@ -177,7 +186,7 @@ def train(
         meta={"config": resolved, "global_batch": global_batch, "densecl_bench_version": __version__},
     )
     if resume:
-        _check_resumable(checkpointer.latest, global_batch, epochs)
+        _check_resumable(checkpointer, global_batch, epochs)
     trainer = engine.Trainer(
         net, optimizer, data,
         build_step(model, device, channels_last, _get(cfg, "model.loss_lambda_warmup_iters", int)),
