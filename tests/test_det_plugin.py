@@ -9,7 +9,9 @@ from test_det_data import write_voc
 from densecl_bench import config
 from densecl_bench.backbone import random_state_dict
 from densecl_bench.benchmarks.base import RunContext
-from densecl_bench.benchmarks.det_c4 import Voc0712FasterRcnnC4, per_rank_batch
+from densecl_bench.benchmarks.det_c4 import Voc0712FasterRcnnC4
+from densecl_bench.engine import per_rank_batch
+from densecl_bench.errors import UserError
 from densecl_bench.checkpoint import LoadedCheckpoint, build_backbone
 from densecl_bench.detection.c4 import C4Config
 
@@ -51,7 +53,7 @@ def test_config_pins_the_protocol():
 
 def test_per_rank_batch():
     assert per_rank_batch(16, 8) == 2
-    with pytest.raises(config.ConfigError, match="does not split over 3"):
+    with pytest.raises(UserError, match="does not split evenly over 3"):
         per_rank_batch(16, 3)
 
 

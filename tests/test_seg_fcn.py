@@ -1,7 +1,6 @@
 """The voc12aug_fcn plugin: every §8 value of its config, a resumed run equal to an uninterrupted one, the ledger metric."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,8 @@ from densecl_bench.benchmarks.base import RunContext
 from densecl_bench.benchmarks.seg_fcn import Voc12AugFcn
 from densecl_bench.checkpoint import load_checkpoint
 from densecl_bench.errors import UserError
-from densecl_bench.segmentation.train import batch_per_process, train_fcn
+from densecl_bench.engine import per_rank_batch
+from densecl_bench.segmentation.train import train_fcn
 from densecl_bench.tables import KNOWN
 from tests.test_seg_data import write_voc12
 
@@ -30,14 +30,14 @@ def test_config_pins_every_section_8_value():
     assert (cfg["lr"], cfg["momentum"], cfg["weight_decay"]) == (0.01, 0.9, 5e-4)
     assert cfg["lr_schedule"] == {"kind": "poly", "by_epoch": False, "power": 0.9, "min_lr": 1e-4}
     assert (cfg["max_iters"], cfg["total_batch_size"]) == (20000, 16)
-    assert batch_per_process(cfg, 4) == 4  # 4 GPUs x 4 images
+    assert per_rank_batch(cfg["total_batch_size"], 4) == 4  # 4 GPUs x 4 images
     assert (cfg["eval_interval"], cfg["checkpoint_interval"], cfg["precision"]) == (2000, 2000, "fp32")
     assert ("voc12aug_fcn", "mIoU") in KNOWN and Voc12AugFcn.config == CONFIG
     demo = config.load(CONFIG, "benchmarks", ["demo"])
     assert {k for k in cfg if demo[k] != cfg[k]} <= {"_profile", "img_scale", "crop_size", "max_iters", "total_batch_size",
                                                      "eval_interval", "checkpoint_interval"}
     with pytest.raises(UserError, match="does not split evenly"):
-        batch_per_process(cfg, 3)
+        per_rank_batch(cfg["total_batch_size"], 3)
 
 
 TINY = {**config.load(CONFIG, "benchmarks"), "img_scale": [64, 32], "crop_size": 32, "max_iters": 4,

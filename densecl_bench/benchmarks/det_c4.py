@@ -28,13 +28,6 @@ from densecl_bench.detection.data import (
 from densecl_bench.detection.voc_eval import VOCDetectionEvaluator
 
 
-def per_rank_batch(total: int, world: int) -> int:
-    """Images per rank and step: the protocol's total batch, split evenly."""
-    if total % world:
-        raise config.ConfigError(f"total_batch_size {total} does not split over {world} processes")
-    return total // world
-
-
 class Voc0712FasterRcnnC4(Benchmark):
     name = "voc0712_faster_rcnn_c4"
     aliases = ("det_c4",)
@@ -70,7 +63,7 @@ class Voc0712FasterRcnnC4(Benchmark):
         train_set = engine.SeededDataset(
             DetectionTrainSet(boxes.records, cfg["train_sizes"], cfg["max_size"], cfg["flip_prob"]), ctx.seed)
         sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=ctx.seed, drop_last=True)
-        data = engine.EpochLoader(train_set, sampler, per_rank_batch(cfg["total_batch_size"], world), drop_last=True,
+        data = engine.EpochLoader(train_set, sampler, engine.per_rank_batch(cfg["total_batch_size"], world), drop_last=True,
                                   num_workers=ctx.num_workers, collate_fn=collate)
         test_set = DetectionTestSet(test_records, cfg["test_size"], cfg["max_size"])
         test_loader = DataLoader(Subset(test_set, range(rank, len(test_set), world)), cfg["test_batch_size"],

@@ -14,7 +14,7 @@
 
 from densecl_bench.engine import ddp, precision
 from densecl_bench.engine.checkpoint import Checkpointer, ResumeKey
-from densecl_bench.engine.data import EpochLoader, SeededDataset, TrainData
+from densecl_bench.engine.data import EpochLoader, SeededDataset, TrainData, per_rank_batch
 from densecl_bench.engine.evaluator import (
     ClassificationAccuracy,
     DatasetEvaluator,
@@ -31,5 +31,5 @@ __all__ = [
     "Checkpointer", "ClassificationAccuracy", "DatasetEvaluator", "DatasetEvaluators", "EpochLoader", "EvalHook",
     "HookBase", "LRSchedule", "LRScheduler", "LRSchedulerHook", "MetricLogger", "NonFiniteLoss", "PeerFailure",
     "PeriodicCheckpointer", "PreciseBNHook", "ResumeKey", "SeededDataset", "TrainData", "Trainer", "TrainingInterrupted", "gather",
-    "ddp", "inference_on_dataset", "param_groups", "precision",
+    "ddp", "inference_on_dataset", "param_groups", "per_rank_batch", "precision",
 ]

@@ -93,3 +93,16 @@ class SeededDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, self.epoch, index))
             return self.base[index]
+
+
+def per_rank_batch(total: int, world: int) -> int:
+    """A protocol's total batch split evenly over the processes (16 on 4 GPUs: 4 each).
+
+    An uneven split is refused, not rounded: the batch is part of the protocol (BN statistics, LR).
+    """
+    if total % world:
+        from densecl_bench.errors import UserError
+
+        raise UserError(f"total_batch_size {total} does not split evenly over {world} processes")
+    return total // world
+

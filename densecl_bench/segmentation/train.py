@@ -12,7 +12,6 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from densecl_bench import config, dist, engine
 from densecl_bench.checkpoint import LoadedCheckpoint
-from densecl_bench.errors import UserError
 from densecl_bench.segmentation.data import (
     CLASSES, PhotoMetricDistortion, SegmentationEvalSet, SegmentationTrainSet, TrainPipeline, voc12aug_pairs,
 )
@@ -26,14 +25,6 @@ class SegResult:
 
     final: dict[str, Any]
     history: list[dict[str, Any]]
-
-
-def batch_per_process(cfg: dict[str, Any], world: int) -> int:
-    """The protocol's total batch split evenly over the processes (16 = 4 GPUs x 4)."""
-    total = int(cfg["total_batch_size"])
-    if total % world:
-        raise UserError(f"total_batch_size {total} does not split evenly over {world} processes")
-    return total // world
 
 
 def build_model(ckpt: LoadedCheckpoint, cfg: dict[str, Any]) -> FCN:
@@ -50,7 +41,7 @@ def train_fcn(ckpt: LoadedCheckpoint, cfg: dict[str, Any], voc_dir: Path, run_di
     config, seed and world size. until: stop after that many iterations (the schedule still spans max_iters).
     """
     world, rank = dist.world_size(), dist.rank()
-    per_process = batch_per_process(cfg, world)
+    per_process = engine.per_rank_batch(int(cfg["total_batch_size"]), world)
     torch.manual_seed(seed)  # the heads' init and the dropout masks; a resumed run restores the RNG states
     model = engine.ddp.prepare(build_model(ckpt, cfg), device)
     module = model.module if hasattr(model, "module") else model
