@@ -14,7 +14,7 @@ from densecl_bench.errors import UserError
 from densecl_bench.engine import per_rank_batch
 from densecl_bench.segmentation.train import train_fcn
 from densecl_bench.tables import KNOWN
-from tests.test_seg_data import write_voc12
+from test_seg_data import write_voc12
 
 CONFIG = "fcn_r50-d8_512x512_20k_voc12aug"
 
