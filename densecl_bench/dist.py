@@ -55,6 +55,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def close() -> None:
+    """End the process group together: a rank that tears gloo down while a peer is still talking to
+    it can abort the peer ("terminate called without an active exception")."""
+    if is_dist():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as td
 
 from densecl_bench import dist
 from densecl_bench.data.base import ImageList
@@ -38,4 +37,4 @@ assert torch.equal(gathered[0], gathered[1]), "ranks disagree"
 assert int(model.queue_ptr) == 4
 if dist.is_main():
     print("ranks agree")
-td.destroy_process_group()
+dist.close()

@@ -334,7 +334,7 @@ res = train_probe(tiny_backbone(), tiny_recipe(**spec["recipe"]), *lists, Path(s
 if dist.is_main():
     (Path(sys.argv[2]) / "result.json").write_text(json.dumps({"top1": res.top1, "top5": res.top5,
                                                                "skipped": res.skipped}))
-torch.distributed.destroy_process_group()
+dist.close()
 """
 
 
