@@ -26,7 +26,8 @@ DenseCL needs no geometric metadata from the augmentation: its dense positives a
 feature similarity (`model.dense_correspondence`), not by where the two crops overlap.
 
 Measured agreement with the PIL pipeline for the same parameters (tests/test_batch_augment.py): see
-`TOLERANCES`. The differences are PIL's uint8 rounding after every pass, never a different formula.
+`TOLERANCES`. The differences come from PIL's uint8 arithmetic: rounding after every pass, the contrast
+mean rounded to an integer, the hue shifted in whole steps of its uint8 HSV.
 """
 
 from __future__ import annotations
@@ -194,26 +195,23 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # torchvision's fn_idx order
 
 
-def _rows(mask: Tensor, device: torch.device) -> Tensor:
-    return mask.nonzero().squeeze(1).to(device)
-
-
 def color_jitter(x: Tensor, apply: Tensor, order: Tensor, factors: Tensor) -> Tensor:
     """ColorJitter on the samples where `apply`: position p applies op `order[n, p]` with `factors[n, op]`.
 
-    apply, order, factors live on the CPU (they come with the batch), so the selection costs no sync.
+    apply, order, factors live on the CPU (they come with the batch), so choosing the rows costs no sync.
     """
     x = x.clone()
     for position in range(4):
         for op, fn in enumerate(JITTER_OPS):
-            rows = _rows(apply & (order[:, position] == op), x.device)
+            rows = (apply & (order[:, position] == op)).nonzero().squeeze(1)
             if rows.numel():
-                x[rows] = fn(x[rows], factors[rows.cpu(), op].to(x.device))
+                on_device = rows.to(x.device)
+                x[on_device] = fn(x[on_device], factors[rows, op].to(x.device))
     return x
 
 
 def grayscale(x: Tensor, apply: Tensor) -> Tensor:
-    rows = _rows(apply, x.device)
+    rows = apply.nonzero().squeeze(1).to(x.device)
     x = x.clone()
     if rows.numel():
         x[rows] = _luma(x[rows]).expand(-1, 3, -1, -1)
