@@ -187,7 +187,7 @@ def pretrain_end_to_end(sizes: Sizes, device: torch.device, work: Path) -> str:
                                    warmup=sizes.warmup, steps=max(iters - sizes.warmup, 1))
     for name, bf16 in (("fp32 (reference style)", False), ("bf16 + channels_last + fused SGD", True)):
         pretrain_step.set_tuned_backends(bf16)
-        sec, _ = pretrain_step.compare(step_args, device, {name: dict(tuned=bf16, bf16=bf16, dense=True)})[name]
+        sec, _ = pretrain_step.compare(step_args, device, {name: {"tuned": bf16, "bf16": bf16, "dense": True}})[name]
         rows.append(("none (one batch, repeated)", name, sizes.batch / sec))
     reference = rows[0][2]
 
@@ -213,9 +213,9 @@ def pretrain_end_to_end(sizes: Sizes, device: torch.device, work: Path) -> str:
     alone = {name: _loader_rate(iter(data.epoch(0)), iters, sizes.batch, sizes.warmup, device)
              for name, data in (("cpu", cpu_alone), ("gpu", gpu_alone))}
 
-    lines = [f"{len(images)} JPEGs of {sizes.jpeg_hw[1]}x{sizes.jpeg_hw[0]} (demo generator scenes), "
-             f"{sizes.arch}, {sizes.image_size} px, batch {sizes.batch}, queue {sizes.queue}, "
-             f"{sizes.workers} loader workers; images/s over iterations {sizes.warmup + 1}..{iters} of one epoch.",
+    lines = [(f"{len(images)} JPEGs of {sizes.jpeg_hw[1]}x{sizes.jpeg_hw[0]} (demo generator scenes), "
+              f"{sizes.arch}, {sizes.image_size} px, batch {sizes.batch}, queue {sizes.queue}, "
+              f"{sizes.workers} loader workers; images/s over iterations {sizes.warmup + 1}..{iters} of one epoch."),
              "", "| loader | step | img/s | x reference-style step |", "|---|---|---|---|"]
     lines += [f"| {loader} | {name} | {rate:.1f} | {rate / reference:.2f}x |" for loader, name, rate in rows]
     lines += ["", "Loaders alone (two views per image, no model): "
@@ -285,7 +285,7 @@ def header(device: torch.device, dry: bool) -> str:
     if device.type == "cuda":
         where = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     else:
-        where = f"CPU {platform.machine()}, {torch.get_num_threads()} threads" + (" — dry run, tiny sizes" if dry else "")
+        where = f"CPU {platform.machine()}, {torch.get_num_threads()} torch threads" + (" — dry run, tiny sizes" if dry else "")
     return (f"## GPU rows (`bash perf/gpu_all.sh`, issue 15): {where}\n\n"
             f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
             f"{os.cpu_count()} host CPUs. Detection (C4): no perf script yet, not timed.")
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                     limit = left if args.dry_run else min(2 * row.budget_s, left)  # dry run: CPU speed is no signal
                     with _restored_backends(), _time_limit(limit):
                         text = row.run(sizes, device, Path(tmp) / f"row{i}")
-                except Exception as err:  # one failing row must not cost the others their numbers
+                except Exception as err:  # noqa: BLE001 -- one failing row must not cost the others their numbers
                     failed += 1
                     text = f"failed: {type(err).__name__}: {err}"
             blocks.append(f"### {row.title}\n\n{text}\n\n({time.monotonic() - start:.0f} s)")

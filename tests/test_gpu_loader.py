@@ -19,7 +19,14 @@ from densecl_bench.data.transforms import IMAGENET_STD
 from densecl_bench.pretrain import train
 from densecl_bench.pretrain.augment import EpochSampler, TwoViewDataset, mocov2
 from densecl_bench.pretrain.batch_augment import TOLERANCES, Recipe
-from densecl_bench.pretrain.gpu_loader import DECODED, ENCODED, UNREADABLE, GPUTwoViewLoader, _read, decode
+from densecl_bench.pretrain.gpu_loader import (
+    DECODED,
+    ENCODED,
+    UNREADABLE,
+    GPUTwoViewLoader,
+    decode,
+    read_payload,
+)
 from densecl_bench.pretrain.train import protocol_fingerprint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -90,11 +97,11 @@ def odd_files(tmp_path_factory) -> dict[str, object]:
 
 
 def test_file_kinds_take_the_right_decoder(odd_files):
-    status = {kind: _read(path)[1] for kind, path in odd_files.items()}
+    status = {kind: read_payload(path)[1] for kind, path in odd_files.items()}
     assert status == {"rgb": ENCODED, "grey": DECODED, "cmyk": DECODED, "png": DECODED, "corrupt": UNREADABLE,
                       "truncated": ENCODED}
     kinds = list(odd_files)
-    reads = [_read(odd_files[k]) for k in kinds]
+    reads = [read_payload(odd_files[k]) for k in kinds]
     images = decode([r[0] for r in reads], [r[1] for r in reads], CPU)
     for kind, img in zip(kinds, images, strict=True):
         if kind in ("corrupt", "truncated"):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,7 +61,7 @@ class EncodedTwoViewDataset(Dataset):
     def sample(self, slot: int, source: int, epoch: int) -> dict[str, Any]:
         """Image `source` read for `slot`: its views are drawn with the slot's seed (a skipped image's
         slot keeps its randomness, as in `TwoViewDataset`)."""
-        data, status, size = _read(self.image_list.paths[source])
+        data, status, size = read_payload(self.image_list.paths[source])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, slot))
             views = [self.recipe.draw(*size) for _ in range(2)] if status != UNREADABLE else []
@@ -68,7 +69,7 @@ class EncodedTwoViewDataset(Dataset):
         return {"slot": slot, "source": source, "epoch": epoch, "status": status, "data": data, "params": params}
 
 
-def _read(path: Any) -> tuple[Tensor, int, tuple[int, int]]:
+def read_payload(path: Path) -> tuple[Tensor, int, tuple[int, int]]:
     """(payload, status, (height, width)): the bytes of a colour JPEG, else the PIL-decoded RGB pixels."""
     try:
         raw = path.read_bytes()

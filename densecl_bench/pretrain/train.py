@@ -182,8 +182,8 @@ def train(
     workers = _get(cfg, "data.num_workers", int)
     size, on_bad_image = _get(cfg, "data.image_size", int), _get(cfg, "data.on_bad_image", str)
     sampler = EpochSampler(len(image_list), batch, seed, dist.rank(), world)
-    loader_kwargs = dict(num_workers=workers, persistent_workers=workers > 0,
-                         generator=torch.Generator().manual_seed(seed))
+    loader_kwargs = {"num_workers": workers, "persistent_workers": workers > 0,
+                     "generator": torch.Generator().manual_seed(seed)}
     if loader == "gpu":
         data = GPUTwoViewLoader(image_list, Recipe.mocov2(size), sampler, batch, device, seed, on_bad_image,
                                 **loader_kwargs)
