@@ -35,7 +35,8 @@ from densecl_bench.pretrain.model import DenseCL, lambda_at
 
 SCHEDULES = ("cosine", "cosine_per_iter")
 # data.loader: `cpu` augments in PIL in the loader workers (the reference's way); `gpu` decodes and augments
-# whole batches on the training device (gpu_loader.py). Same distributions, other pixels: part of the protocol.
+# whole batches on the training device (gpu_loader.py). Same drawn parameters, other pixel arithmetic: part of
+# the protocol.
 LOADERS = ("cpu", "gpu")
 # settings that do not change what is trained: a run resumes across changes of these
 OPERATIONAL_KEYS = ("_config", "log_interval", "checkpoint_interval", "keep_checkpoints")
