@@ -14,6 +14,9 @@ CMYK JPEGs, PNGs and other formats. The worker decodes those in PIL (converted t
 decode fails on the device and then in PIL too (a truncated JPEG), follow `on_bad_image` as in the
 CPU loader: `raise` names the path; `skip` fills the slot with the next readable image of the list
 (views drawn with the slot's seed), logs it and counts it in `GPUTwoViewLoader.skipped`.
+
+torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec (a DeprecationWarning);
+`decode_jpeg` works as before, and `decode` below is the one place to change when the project moves.
 """
 
 from __future__ import annotations
