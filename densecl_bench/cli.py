@@ -267,8 +267,12 @@ def regress(run_dir: Path, reference: Path, tolerances: Path | None, allow_missi
 @click.option("--device", default=None)
 @click.option("--precision", type=PRECISION, default=None,
               help="fp32 or bf16 autocast in place of the config's `precision` (fp32, as the reference).")
+@click.option("--loader", type=click.Choice(["cpu", "gpu"]), default=None,
+              help="Where images are decoded and augmented, in place of the config's `data.loader`: cpu (PIL in "
+                   "the loader workers, the default) or gpu (whole batches on the training device).")
 def pretrain(config_file: str, data_root: Path | None, work_dir: Path | None, epochs: int | None,
-             stop_after_epochs: int | None, no_resume: bool, device: str | None, precision: str | None) -> None:
+             stop_after_epochs: int | None, no_resume: bool, device: str | None, precision: str | None,
+             loader: str | None) -> None:
     """Pretrain a ResNet-50 with DenseCL (resumable; torchrun for several GPUs)."""
     from densecl_bench import config
     from densecl_bench.config import ConfigError
@@ -280,6 +284,8 @@ def pretrain(config_file: str, data_root: Path | None, work_dir: Path | None, ep
         cfg = config.load(config_file, "pretrain")
         if precision:
             cfg["precision"] = precision
+        if loader:
+            cfg["data"] = dict(cfg["data"], loader=loader)
         latest = run_pretrain(cfg, data_root=data_root, work_dir=work_dir, resume=not no_resume,
                               epochs=epochs, max_epochs=stop_after_epochs, device=device)
     except TrainingInterrupted as err:

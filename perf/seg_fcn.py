@@ -61,11 +61,13 @@ def main() -> None:
         loss.backward()
         optimizer.step()
 
-    image = torch.randn(1, 3, 512, 683, device=device)
+    # a 500x375 VOC image at shorter side `size` (512x683 at the protocol's 512)
+    image = torch.randn(1, 3, args.size, round(args.size * 683 / 512), device=device)
+    original = (round(args.size * 375 / 512), round(args.size * 500 / 512))
 
     def infer() -> None:
         with torch.inference_mode(), precision_mod.autocast(args.precision, device):
-            predict(model.eval(), image, (375, 500))
+            predict(model.eval(), image, original)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -29,9 +29,15 @@ from densecl_bench.config import ConfigError
 from densecl_bench.data.base import ImageList
 from densecl_bench.engine.trainer import StepFn
 from densecl_bench.pretrain.augment import EpochSampler, TwoViewDataset, mocov2
+from densecl_bench.pretrain.batch_augment import Recipe
+from densecl_bench.pretrain.gpu_loader import GPUTwoViewLoader
 from densecl_bench.pretrain.model import DenseCL, lambda_at
 
 SCHEDULES = ("cosine", "cosine_per_iter")
+# data.loader: `cpu` augments in PIL in the loader workers (the reference's way); `gpu` decodes and augments
+# whole batches on the training device (gpu_loader.py). Same drawn parameters, other pixel arithmetic: part of
+# the protocol.
+LOADERS = ("cpu", "gpu")
 # settings that do not change what is trained: a run resumes across changes of these
 OPERATIONAL_KEYS = ("_config", "log_interval", "checkpoint_interval", "keep_checkpoints")
 
@@ -135,6 +141,10 @@ def train(
     run after the built-in ones. Raises engine.TrainingInterrupted (state saved) on SIGINT/SIGTERM
     and engine.NonFiniteLoss on a NaN/inf loss.
     """
+    loader = cfg.get("data", {}).get("loader", "cpu")
+    if loader not in LOADERS:
+        raise ConfigError(f"pretrain config {cfg.get('_config', '?')}: data.loader must be one of {LOADERS}, got {loader!r}")
+    cfg = dict(cfg, data=dict(cfg["data"], loader=loader))  # named in the checkpoint meta and the fingerprint
     dist.init_from_env()
     device = torch.device(device) if device is not None else dist.default_device()
     cuda = device.type == "cuda"
@@ -170,14 +180,17 @@ def train(
     net = engine.ddp.prepare(model, device, sync_bn=False, broadcast_buffers=False)
     optimizer = build_optimizer(cfg, model, base_lr, fused=cuda)
 
-    dataset = TwoViewDataset(image_list, mocov2(_get(cfg, "data.image_size", int)), seed=seed,
-                             on_bad_image=_get(cfg, "data.on_bad_image", str))
     workers = _get(cfg, "data.num_workers", int)
-    data = engine.EpochLoader(
-        dataset, EpochSampler(len(image_list), batch, seed, dist.rank(), world), batch, drop_last=True,
-        num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    size, on_bad_image = _get(cfg, "data.image_size", int), _get(cfg, "data.on_bad_image", str)
+    sampler = EpochSampler(len(image_list), batch, seed, dist.rank(), world)
+    loader_kwargs = {"num_workers": workers, "persistent_workers": workers > 0,
+                     "generator": torch.Generator().manual_seed(seed)}
+    if loader == "gpu":
+        data = GPUTwoViewLoader(image_list, Recipe.mocov2(size), sampler, batch, device, seed, on_bad_image,
+                                **loader_kwargs)
+    else:
+        dataset = TwoViewDataset(image_list, mocov2(size), seed=seed, on_bad_image=on_bad_image)
+        data = engine.EpochLoader(dataset, sampler, batch, drop_last=True, pin_memory=cuda, **loader_kwargs)
     lr_schedule = (engine.LRSchedule("cosine", total=epochs) if schedule == "cosine"
                    else engine.LRSchedule("cosine", total=epochs * iters_per_epoch, by_epoch=False))
     resolved = dict(cfg, lr=base_lr, world_size=world, global_batch=global_batch)
