@@ -651,7 +651,7 @@ _STREET = {"road": (7, (128, 64, 128)), "sidewalk": (8, (232, 35, 244)), "buildi
            "pole": (17, (153, 153, 153)), "traffic sign": (20, (220, 220, 0)), "vegetation": (21, (107, 142, 35)),
            "sky": (23, (70, 130, 180)), "person": (24, (220, 20, 60)), "car": (26, (0, 0, 142)),
            "ego vehicle": (1, (20, 20, 20))}
-CITYSCAPES_SPLITS = {"train": (("aachen", 12), ("bremen", 12)), "val": (("frankfurt", 4), ("lindau", 4))}
+CITYSCAPES_SPLITS = {"train": (("aachen", 12), ("bremen", 12)), "val": (("frankfurt", 3), ("lindau", 3))}
 _CITYSCAPES_SIZE = (128, 64)  # 2:1, as the 2048 x 1024 originals
 
 
@@ -722,7 +722,7 @@ def _write_cityscapes(root: Path, seed: int, bar: tqdm) -> None:
 
 # ----------------------------------------------------------------------------------------------- entry points
 
-_N_IMAGES = 480 + 150 + 60 + 500 + 320 + 181 + 32
+_N_IMAGES = 480 + 150 + 60 + 500 + 320 + 181 + 30
 
 
 def write_demo(root: str | os.PathLike[str], seed: int = 0, progress: bool | None = None) -> None:
