@@ -8,7 +8,8 @@ and strides (1, 2, 1, 1): output stride 8, and the checkpoint's tensors load one
 Heads: mmseg's FCNHead. Each conv is a ConvModule (3x3 conv without bias, norm, ReLU; kaiming-normal
 fan-out init); the decode head concatenates its input with the convs' output for one more ConvModule;
 Dropout2d then a 1x1 classifier drawn from N(0, 0.01) with bias 0. The auxiliary head on layer3
-trains only (its loss weighted 0.4) and is not used at inference.
+trains only (its loss weighted 0.4) and is not used at inference. Inference is mmseg's `whole` or `slide`
+mode (Cityscapes, PROTOCOLS.md §13), with the heads' `align_corners` for every resize of the logits.
 """
 
 from __future__ import annotations
