@@ -43,9 +43,8 @@ LABELS: tuple[tuple[str, int, int], ...] = (
 CLASSES = tuple(name for name, _, train_id in sorted(LABELS, key=lambda label: label[2]) if train_id != IGNORE_INDEX)
 """The 19 evaluated classes in trainId order (road, sidewalk, ..., bicycle), as mmseg's CityscapesDataset."""
 
-_ID_TO_TRAIN_ID = np.full(256, IGNORE_INDEX, np.uint8)
-for _, _id, _train_id in LABELS:
-    _ID_TO_TRAIN_ID[_id] = _train_id
+_ID_TO_TRAIN_ID = np.full(256, IGNORE_INDEX, np.uint8)  # a lookup table over every 8-bit value
+_ID_TO_TRAIN_ID[[label_id for _, label_id, _ in LABELS]] = [train_id for _, _, train_id in LABELS]
 
 
 def to_train_ids(label_ids: np.ndarray) -> np.ndarray:

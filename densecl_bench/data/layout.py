@@ -243,17 +243,16 @@ def _check_cityscapes(status: DatasetStatus) -> None:
         image_dir, gt = status.path / "leftImg8bit" / split, status.path / "gtFine" / split
         images = sorted(image_dir.rglob(f"*{CITYSCAPES_IMAGE_SUFFIX}"))
         status.found.append(f"leftImg8bit/{split}: {len(images)} images")
-        labels = [cityscapes_label_path(image, image_dir, gt) for image in images]
-        missing = [label for label in labels if not label.is_file()]
+        unlabelled = [image for image in images if not cityscapes_label_path(image, image_dir, gt).is_file()]
         if not images:
-            status.problem(f"no *{CITYSCAPES_IMAGE_SUFFIX} images under {status.path / 'leftImg8bit' / split}")
-        elif missing:
-            convertible = missing[0].with_name(missing[0].name.replace(CITYSCAPES_TRAIN_IDS_SUFFIX,
-                                                                       CITYSCAPES_LABEL_IDS_SUFFIX)).is_file()
+            status.problem(f"no *{CITYSCAPES_IMAGE_SUFFIX} images under {image_dir}")
+        elif unlabelled:
+            first = unlabelled[0]
+            convertible = cityscapes_label_path(first, image_dir, gt, CITYSCAPES_LABEL_IDS_SUFFIX).is_file()
             hint = (f"; write them with `densecl-bench data cityscapes-trainids --root {status.path}`"
                     if convertible else "")
-            status.problem(f"{len(missing)} of {len(images)} {split} images have no *{CITYSCAPES_TRAIN_IDS_SUFFIX} "
-                           f"(first: {missing[0]}){hint}")
+            status.problem(f"{len(unlabelled)} of {len(images)} {split} images have no *{CITYSCAPES_TRAIN_IDS_SUFFIX} "
+                           f"(first: {cityscapes_label_path(first, image_dir, gt)}){hint}")
 
 
 _CHECKS = {
