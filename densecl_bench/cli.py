@@ -91,7 +91,7 @@ def data_demo(root: Path | None, seed: int) -> None:
 
 
 @data.command("check")
-@click.option("--root", type=PathArg, required=True, help="The data root (VOCdevkit/, coco/, imagenet/, Places205/).")
+@click.option("--root", type=PathArg, required=True, help="The data root (VOCdevkit/, coco/, imagenet/, Places205/, iNaturalist2018/, cityscapes/).")
 def data_check(root: Path) -> None:
     """Validate the dataset layouts under a data root and name what is missing.
 
@@ -103,6 +103,21 @@ def data_check(root: Path) -> None:
     click.echo(format_report(statuses))
     broken = [s for s in statuses if not s.ok and s.path.exists()]
     sys.exit(1 if broken or not any(s.ok for s in statuses) else 0)
+
+
+@data.command("cityscapes-trainids")
+@click.option("--root", type=PathArg, required=True, help="The Cityscapes folder (the one holding gtFine/).")
+@click.option("--overwrite", is_flag=True, help="Rewrite trainIds maps that already exist.")
+def data_cityscapes_trainids(root: Path, overwrite: bool) -> None:
+    """Write gtFine/**/*_gtFine_labelTrainIds.png from the *_gtFine_labelIds.png maps.
+
+    Maps each label id to its trainId by the published Cityscapes label table (19 classes, 255 = ignore),
+    as mmseg's tools/convert_datasets/cityscapes.py does through cityscapesscripts.
+    """
+    from densecl_bench.data.cityscapes import convert_label_ids
+
+    written, kept = convert_label_ids(root, overwrite=overwrite)
+    click.echo(f"wrote {written} trainIds maps under {root / 'gtFine'}" + (f", kept {kept} existing" if kept else ""))
 
 
 # ---------------------------------------------------------------- features

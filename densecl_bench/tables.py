@@ -7,7 +7,8 @@ records' `label` (the pretraining config name). Missing values are blank; repeat
 Metrics the layout does not know (third-party benchmarks, extra metrics) get their own tables. Rows
 with a caveat (`results.caveats`: partial checkpoint, skipped images, not fp32, a total batch the
 world size missed) carry a `†` and a note.
-Layout source: MMSelfSup 0.x `configs/selfsup/densecl/README.md` (PROTOCOLS.md §9, §10).
+Layout source: MMSelfSup 0.x `configs/selfsup/densecl/README.md` (PROTOCOLS.md §9, §10); the
+iNaturalist2018 and Cityscapes tables from the 0.x algorithm-page template (§13).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ LAYOUT: tuple[Table, ...] = (
           "size and followed by a linear layer (config resnet50_mhead_linear-8xb32-steplr-90e_in1k).\n"
           "AvgPool: linear evaluation with global average pooling (config resnet50_linear-8xb32-steplr-100e_in1k).",
           (*_features("imagenet_linear"), Column("AvgPool", "imagenet_linear", "avgpool"))),
+    Table("iNaturalist2018 Linear Evaluation", "Config resnet50_mhead_8xb32-steplr-84e_inat18.",
+          _features("inat18_linear")),
     Table("Places205 Linear Evaluation", "Config resnet50_mhead_8xb32-steplr-28e_places205.",
           _features("places205_linear")),
     Table("ImageNet Nearest-Neighbor Classification",
@@ -74,6 +77,8 @@ LAYOUT: tuple[Table, ...] = (
                 for name in ("mAP", "AP50", "AP75"))),
     Table("Segmentation: Pascal VOC 2012 + Aug", "Config fcn_r50-d8_512x512_20k_voc12aug.",
           (Column("mIOU", "voc12aug_fcn", "mIoU"),)),
+    Table("Segmentation: Cityscapes", "Config fcn_r50-d8_769x769_40k_cityscapes.",
+          (Column("mIOU", "cityscapes_fcn", "mIoU"),)),
 )
 KNOWN = {(c.benchmark, c.metric) for t in LAYOUT for c in t.columns}
 DEMO_NOTE = ("Demo data: the numbers of {rows} come from the embedded demo datasets "

@@ -12,6 +12,7 @@ from densecl_bench.benchmarks.seg_fcn import Voc12AugFcn
 from densecl_bench.checkpoint import load_checkpoint
 from densecl_bench.errors import UserError
 from densecl_bench.engine import per_rank_batch
+from densecl_bench.segmentation.data import voc12aug_dataset
 from densecl_bench.segmentation.train import train_fcn
 from densecl_bench.tables import KNOWN
 from test_seg_data import write_voc12
@@ -53,10 +54,10 @@ def voc(tmp_path_factory):
 
 def test_resume_mid_run_reproduces_the_uninterrupted_run(voc, tmp_path):
     ckpt, cpu = load_checkpoint("random"), torch.device("cpu")
-    full = train_fcn(ckpt, TINY, voc, tmp_path / "full", device=cpu, num_workers=0)
-    cut = train_fcn(ckpt, TINY, voc, tmp_path / "cut", device=cpu, num_workers=0, until=2)
+    full = train_fcn(ckpt, TINY, voc12aug_dataset(voc), tmp_path / "full", device=cpu, num_workers=0)
+    cut = train_fcn(ckpt, TINY, voc12aug_dataset(voc), tmp_path / "cut", device=cpu, num_workers=0, until=2)
     assert [h["iter"] for h in cut.history] == [2]
-    resumed = train_fcn(ckpt, TINY, voc, tmp_path / "cut", device=cpu, num_workers=0)
+    resumed = train_fcn(ckpt, TINY, voc12aug_dataset(voc), tmp_path / "cut", device=cpu, num_workers=0)
     assert [h["iter"] for h in full.history] == [h["iter"] for h in resumed.history] == [2, 4]
     assert resumed.final["mIoU"] == full.final["mIoU"] and resumed.final["aAcc"] == full.final["aAcc"]
     a = torch.load(tmp_path / "full" / "latest.pth", weights_only=False)["state_dict"]

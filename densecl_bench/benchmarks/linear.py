@@ -3,7 +3,7 @@
 `imagenet_linear` fills the "ImageNet Linear Evaluation" table: Feature1..Feature5 from the multi-head
 probe and AvgPool from the separate AvgPool-linear probe (its own config, an `extra_configs` entry: the
 runner resolves it with the same profiles and fingerprints the stage over both).
-`places205_linear` fills "Places205 Linear Evaluation".
+`places205_linear` fills "Places205 Linear Evaluation", `inat18_linear` "iNaturalist2018 Linear Evaluation".
 Each probe checkpoints under the stage's run dir and resumes from it when the stage is re-run.
 """
 
@@ -17,7 +17,8 @@ from densecl_bench import config, dist
 from densecl_bench.benchmarks.base import Benchmark, Metric, RunContext
 from densecl_bench.data.base import ImageList
 from densecl_bench.data.imagenet import imagenet
-from densecl_bench.data.layout import PLACES_IMAGES
+from densecl_bench.data.inat import inat2018
+from densecl_bench.data.layout import INAT_ANNOTATIONS, PLACES_IMAGES, layout_error
 from densecl_bench.data.places import places205
 from densecl_bench.engine import ResumeKey
 from densecl_bench.linear import ProbeResult, Recipe, train_probe
@@ -68,9 +69,12 @@ class _MultiHeadLinear(Benchmark):
     reader: ClassVar[Callable[[Path, str], ImageList]]
 
     def run(self, ctx: RunContext) -> list[Metric]:
-        root = ctx.data_root / self.folder
-        train, val = self.reader(root, "train"), self.reader(root, "val")
+        train, val = self.read(ctx.data_root / self.folder, ctx.config)
         return self.mhead(ctx, train, val) + self.more_probes(ctx, train, val)
+
+    def read(self, root: Path, cfg: dict[str, Any]) -> tuple[ImageList, ImageList]:
+        """The train and val lists of the dataset folder."""
+        return self.reader(root, "train"), self.reader(root, "val")
 
     def mhead(self, ctx: RunContext, train: ImageList, val: ImageList) -> list[Metric]:
         result = run_probe(ctx, ctx.config, "mhead", train, val)
@@ -119,3 +123,27 @@ class Places205Linear(_MultiHeadLinear):
         root = data_root / self.folder
         lists = root / "trainvalsplit_places205"
         return [root / PLACES_IMAGES, lists / "train_places205.csv", lists / "val_places205.csv"]
+
+
+class Inat18Linear(_MultiHeadLinear):
+    """iNaturalist 2018 multi-head (feature1..feature5, 84 epochs, steps at 24/48/72, 8142 classes)."""
+
+    name = "inat18_linear"
+    aliases = ("inat_linear",)
+    table = "iNaturalist2018 Linear Evaluation"
+    config = "resnet50_mhead_8xb32-steplr-84e_inat18"
+    order = 33
+    folder = "iNaturalist2018"
+    reader = staticmethod(inat2018)
+
+    def required_data(self, data_root: Path) -> list[Path]:
+        return [data_root / self.folder / name for name in INAT_ANNOTATIONS.values()]
+
+    def read(self, root: Path, cfg: dict[str, Any]) -> tuple[ImageList, ImageList]:
+        """The lists, after checking the class count against the config's `num_classes` (8142): another
+        iNaturalist release (2017 has 5089 species, 2019 1010) is refused by name."""
+        train, val = super().read(root, cfg)
+        if len(train.classes) != cfg["num_classes"]:
+            raise layout_error("inat18", f"{root}: {len(train.classes)} categories in {INAT_ANNOTATIONS['train']}, "
+                                         f"the protocol has {cfg['num_classes']}")
+        return train, val

@@ -90,6 +90,7 @@ TRAIN_AUGS = {
     "imagenet_mhead": imagenet_mhead,
     "imagenet_linear": imagenet_linear,
     "places205": places205,
+    "inat18": imagenet_linear,  # inaturalist2018.py: RandomResizedCrop 224, HFlip (no ColorJitter, no Lighting)
     # deterministic; used where a test needs training free of augmentation noise
     "center_crop": center_crop,
 }

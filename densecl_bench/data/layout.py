@@ -7,6 +7,7 @@ way and lists every problem instead of stopping at the first, for `densecl-bench
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,16 @@ LAYOUTS: dict[str, str] = {
   trainvalsplit_places205/{train,val}_places205.csv  (lines '<path relative to images256/> <label>')
   data/vision/torralba/deeplearning/images256/<letter>/<scene>/*.jpg
   categoryIndex_places205.csv               (optional: lines '/<letter>/<scene> <label>')""",
+    "inat18": """\
+<root>/iNaturalist2018/
+  train2018.json, val2018.json              (the competition's COCO-style annotations: images, annotations,
+                                             categories; one annotation per image)
+  train_val2018/<supercategory>/<category_id>/*.jpg  (each image's `file_name`, relative to <root>/iNaturalist2018/)""",
+    "cityscapes": """\
+<root>/cityscapes/
+  leftImg8bit/{train,val}/<city>/<stem>_leftImg8bit.png
+  gtFine/{train,val}/<city>/<stem>_gtFine_labelTrainIds.png  (19 classes, 255 = ignore; from *_gtFine_labelIds.png
+                                             with `densecl-bench data cityscapes-trainids --root <root>/cityscapes`)""",
 }
 
 _DIRS = {
@@ -50,10 +61,16 @@ _DIRS = {
     "coco2017": ("coco",),
     "imagenet": ("imagenet",),
     "places205": ("Places205",),
+    "inat18": ("iNaturalist2018",),
+    "cityscapes": ("cityscapes",),
 }
 
 PLACES_IMAGES = Path("data/vision/torralba/deeplearning/images256")
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+INAT_ANNOTATIONS = {"train": "train2018.json", "val": "val2018.json"}
+CITYSCAPES_IMAGE_SUFFIX = "_leftImg8bit.png"
+CITYSCAPES_TRAIN_IDS_SUFFIX = "_gtFine_labelTrainIds.png"
+CITYSCAPES_LABEL_IDS_SUFFIX = "_gtFine_labelIds.png"
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -196,12 +213,56 @@ def _check_places(status: DatasetStatus) -> None:
             status.problem(f"listed images missing under {images} (e.g. {missing[0]})")
 
 
+def cityscapes_label_path(image: Path, image_dir: Path, label_dir: Path,
+                          suffix: str = CITYSCAPES_TRAIN_IDS_SUFFIX) -> Path:
+    """`gtFine/<split>/<city>/<stem><suffix>` for `leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png`."""
+    stem = image.name[: -len(CITYSCAPES_IMAGE_SUFFIX)]
+    return label_dir / image.parent.relative_to(image_dir) / f"{stem}{suffix}"
+
+
+def _check_inat(status: DatasetStatus) -> None:
+    for split, name in INAT_ANNOTATIONS.items():
+        ann = status.path / name
+        if not ann.is_file():
+            status.problem(f"missing file {ann}")
+            continue
+        with open(ann) as f:
+            doc = json.load(f)
+        files = [image["file_name"] for image in doc.get("images", [])]
+        status.found.append(f"{name}: {len(files)} images, {len(doc.get('categories', []))} categories")
+        # a spot check, as for Places205: stat-ing all 437k listed files takes minutes on network storage
+        missing = [f for f in files[:5] + files[-5:] if not (status.path / f).is_file()]
+        if missing:
+            status.problem(f"{split} images listed in {name} missing under {status.path} (e.g. {missing[0]})")
+
+
+def _check_cityscapes(status: DatasetStatus) -> None:
+    for split in ("train", "val"):
+        if not _check_dirs(status, f"leftImg8bit/{split}", f"gtFine/{split}"):
+            continue
+        image_dir, gt = status.path / "leftImg8bit" / split, status.path / "gtFine" / split
+        images = sorted(image_dir.rglob(f"*{CITYSCAPES_IMAGE_SUFFIX}"))
+        status.found.append(f"leftImg8bit/{split}: {len(images)} images")
+        unlabelled = [image for image in images if not cityscapes_label_path(image, image_dir, gt).is_file()]
+        if not images:
+            status.problem(f"no *{CITYSCAPES_IMAGE_SUFFIX} images under {image_dir}")
+        elif unlabelled:
+            first = unlabelled[0]
+            convertible = cityscapes_label_path(first, image_dir, gt, CITYSCAPES_LABEL_IDS_SUFFIX).is_file()
+            hint = (f"; write them with `densecl-bench data cityscapes-trainids --root {status.path}`"
+                    if convertible else "")
+            status.problem(f"{len(unlabelled)} of {len(images)} {split} images have no *{CITYSCAPES_TRAIN_IDS_SUFFIX} "
+                           f"(first: {cityscapes_label_path(first, image_dir, gt)}){hint}")
+
+
 _CHECKS = {
     "voc07": _check_voc07,
     "voc12aug": _check_voc12aug,
     "coco2017": _check_coco,
     "imagenet": _check_imagenet,
     "places205": _check_places,
+    "inat18": _check_inat,
+    "cityscapes": _check_cityscapes,
 }
 
 

@@ -1,8 +1,10 @@
-"""VOC12+aug segmentation data and mmseg 0.x's pipelines (PROTOCOLS.md §8).
+"""Segmentation data (VOC12+aug, Cityscapes) and mmseg 0.x's pipelines (PROTOCOLS.md §8, §13).
 
 Train: VOC2012 `train.txt` (SegmentationClass, palette PNGs read as indices) + `aug.txt`
 (SegmentationClassAug, greyscale PNGs); val: `val.txt`. The pairs are sorted, so the run does not
 depend on the order of the list files (the published `aug.txt` comes from a Python set).
+
+Cityscapes: gtFine train / val with the trainIds maps (`data/cityscapes.py`).
 
 Train pipeline, in mmseg's order: Resize to `scale` x ratio in [0.5, 2.0] keeping the aspect
 (mmcv `imrescale`: the largest factor that fits the long edge into scale[0] and the short edge into
@@ -27,6 +29,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from densecl_bench.data.base import load_rgb
+from densecl_bench.data.cityscapes import CLASSES as CITYSCAPES_CLASSES
+from densecl_bench.data.cityscapes import cityscapes_pairs
 from densecl_bench.data.layout import VOC_CLASSES, layout_error
 from densecl_bench.data.voc import voc_segmentation
 
@@ -34,6 +38,26 @@ CLASSES = ("background", *VOC_CLASSES)
 IGNORE_INDEX = 255
 MEAN = (123.675, 116.28, 103.53)  # RGB, 0..255
 STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class SegDataset:
+    """One benchmark's data: sorted (image, label) pairs per split and the class names in label order."""
+
+    name: str
+    train: list[tuple[Path, Path]]
+    val: list[tuple[Path, Path]]
+    classes: tuple[str, ...]
+
+
+def voc12aug_dataset(voc_dir: str | Path) -> SegDataset:
+    """VOC2012 train + aug / val, 21 classes (background first)."""
+    return SegDataset("voc12aug", voc12aug_pairs(voc_dir, "train"), voc12aug_pairs(voc_dir, "val"), CLASSES)
+
+
+def cityscapes_dataset(root: str | Path) -> SegDataset:
+    """Cityscapes gtFine train / val (leftImg8bit + *_gtFine_labelTrainIds.png), 19 classes."""
+    return SegDataset("cityscapes", cityscapes_pairs(root, "train"), cityscapes_pairs(root, "val"), CITYSCAPES_CLASSES)
 
 
 def voc12aug_pairs(voc_dir: str | Path, split: str) -> list[tuple[Path, Path]]:

@@ -8,12 +8,14 @@ and strides (1, 2, 1, 1): output stride 8, and the checkpoint's tensors load one
 Heads: mmseg's FCNHead. Each conv is a ConvModule (3x3 conv without bias, norm, ReLU; kaiming-normal
 fan-out init); the decode head concatenates its input with the convs' output for one more ConvModule;
 Dropout2d then a 1x1 classifier drawn from N(0, 0.01) with bias 0. The auxiliary head on layer3
-trains only (its loss weighted 0.4) and is not used at inference.
+trains only (its loss weighted 0.4) and is not used at inference. Inference is mmseg's `whole` or `slide`
+mode (Cityscapes, PROTOCOLS.md §13), with the heads' `align_corners` for every resize of the logits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -100,21 +102,57 @@ class FCN(nn.Module):
         return out
 
 
-def seg_loss(logits: Tensor, label: Tensor, ignore_index: int = 255) -> Tensor:
-    """mmseg 0.x's decode loss: logits upsampled (bilinear, align_corners=False) to the label size, per-pixel
-    cross-entropy with ignored pixels contributing 0, averaged over ALL pixels (`avg_non_ignore=False`),
-    not PyTorch's mean over the non-ignored ones."""
-    logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
+def seg_loss(logits: Tensor, label: Tensor, ignore_index: int = 255, align_corners: bool = False) -> Tensor:
+    """mmseg 0.x's decode loss: logits upsampled (bilinear, the head's `align_corners`) to the label size,
+    per-pixel cross-entropy with ignored pixels contributing 0, averaged over ALL pixels
+    (`avg_non_ignore=False`), not PyTorch's mean over the non-ignored ones."""
+    logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=align_corners)
     return F.cross_entropy(logits, label.long(), ignore_index=ignore_index, reduction="none").mean()
 
 
-@torch.no_grad()
-def predict(model: nn.Module, image: Tensor, original_size: tuple[int, int]) -> Tensor:
-    """Whole-image inference on one resized image (1 x 3 x h x w): logits C x H x W at the original size.
+def window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """mmseg 0.x `slide_inference` along one axis: ceil((size - crop) / stride) + 1 windows at multiples of
+    `stride`, the last shifted back to end at `size`; one window from 0 when the image is not larger than the
+    crop (it then runs at the image's own size, unpadded)."""
+    count = max(size - crop + stride - 1, 0) // stride + 1
+    return [max(min(k * stride + crop, size) - crop, 0) for k in range(count)]
 
-    As mmseg 0.x's `whole_inference` with rescale: the stride-8 logits are resized to the network input,
-    then to the original image, both bilinear with align_corners=False.
-    """
+
+@dataclass(frozen=True)
+class SlideWindow:
+    """`test_cfg=dict(mode='slide', crop_size=(h, w), stride=(h, w))`."""
+
+    crop: tuple[int, int]
+    stride: tuple[int, int]
+
+
+def _decode(model: nn.Module, image: Tensor, align_corners: bool) -> Tensor:
+    """mmseg `encode_decode`: the stride-8 logits resized (bilinear) to the network input."""
     logits = model(image)["seg"].float()
-    logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
-    return F.interpolate(logits, size=original_size, mode="bilinear", align_corners=False)[0]
+    return F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=align_corners)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, image: Tensor, original_size: tuple[int, int], align_corners: bool = False,
+            window: SlideWindow | None = None) -> Tensor:
+    """Inference on one resized image (1 x 3 x h x w): logits C x H x W at the original size.
+
+    As mmseg 0.x with rescale: `whole` (window None) decodes the image at once; `slide` decodes each
+    crop of the window grid (`window_starts` per axis), adds its logits into the image's frame and
+    divides every pixel by the number of windows covering it. Either way the logits are then resized
+    to the original image, bilinear with the heads' `align_corners`.
+    """
+    if window is None:
+        logits = _decode(model, image, align_corners)
+    else:
+        (h, w), (ch, cw), (sh, sw) = image.shape[-2:], window.crop, window.stride
+        logits, count = None, image.new_zeros(1, 1, h, w)
+        for y in window_starts(h, ch, sh):
+            for x in window_starts(w, cw, sw):
+                crop = _decode(model, image[..., y : y + ch, x : x + cw], align_corners)
+                if logits is None:
+                    logits = crop.new_zeros(1, crop.shape[1], h, w)
+                logits[..., y : y + ch, x : x + cw] += crop
+                count[..., y : y + ch, x : x + cw] += 1
+        logits = logits / count
+    return F.interpolate(logits, size=original_size, mode="bilinear", align_corners=align_corners)[0]
