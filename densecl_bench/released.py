@@ -159,6 +159,8 @@ def download(url: str, dest: Path, sha256: str, progress: bool = True, timeout: 
                 while chunk := resp.read(_CHUNK):
                     f.write(chunk)
                     bar.update(len(chunk))
+                if total is not None and f.tell() < total:  # the server closed early: a short read, no error
+                    raise ConnectionError(f"connection closed at {f.tell()} of {total} bytes")
     except urllib.error.HTTPError as err:
         if not (err.code == 416 and start):  # 416: nothing left to send, the part is complete
             raise FetchError(f"{url}: HTTP {err.code} {err.reason}") from err
