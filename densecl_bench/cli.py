@@ -268,8 +268,7 @@ def regress(run_dir: Path, reference: str | None, tolerances: Path | None, requi
     try:
         if write_reference is not None:
             ref = write_ref(Ledger(run_dir).records(), write_reference, label=label,
-                            tolerances=load_tolerances(tolerances) if tolerances else None,
-                            command=f"densecl-bench regress {run_dir} --write-reference {write_reference}")
+                            tolerances=load_tolerances(tolerances) if tolerances else None)
             n = sum(len(m) for m in ref["results"].values())
             click.echo(f"wrote {write_reference}: {n} metrics of {ref['model']}")
             return
@@ -286,11 +285,15 @@ def regress(run_dir: Path, reference: str | None, tolerances: Path | None, requi
 
 # ---------------------------------------------------------------- released checkpoints
 @main.command()
-def released() -> None:
+@click.option("--names", is_flag=True, help="Only the names, one a line (for scripts).")
+def released(names: bool) -> None:
     """The pinned released checkpoints: name, url, sha256, layout, reference JSON, and whether fetched."""
     from densecl_bench import released as rel
 
     for release in rel.load_manifest().values():
+        if names:
+            click.echo(release.name)
+            continue
         fetched = f"fetched: {release.path}" if release.path.is_file() else "not fetched"
         click.echo(f"{release.name}  ({release.method})\n    url:       {release.url}\n"
                    f"    sha256:    {release.sha256}{'' if len(release.sha256) == 64 else '… (published prefix)'}\n"

@@ -309,14 +309,13 @@ def write_reference(
     path: str | os.PathLike[str],
     label: str | None = None,
     tolerances: dict[str, Any] | None = None,
-    command: str | None = None,
 ) -> dict[str, Any]:
     """Write a run's current numbers as a reference JSON (atomically), e.g. the demo regression reference.
 
     The reference is two-sided (`two_sided: true`): a number that moves either way is a change to
     review. A reference already at `path` keeps its tolerances (they are reviewed by hand; the numbers are
     regenerated), else `tolerances` (default: NEW_REFERENCE_TOLERANCES) are written. Records with a caveat are refused: a reference must
-    measure the plain protocol. command: how to regenerate it, recorded in `source`.
+    measure the plain protocol.
     """
     recs = current(records)
     labels = list(dict.fromkeys(r["label"] for r in recs))
@@ -345,8 +344,7 @@ def write_reference(
     reference = {
         "model": label,
         "demo": any(r.get("provenance", {}).get("demo") for r in recs),
-        "source": ", ".join(p for p in made_by if not p.endswith(" None"))
-                  + (f"; regenerate with `{command}`" if command else ""),
+        "source": ", ".join(p for p in made_by if not p.endswith(" None")),
         "two_sided": True,
         "tolerances": old.get("tolerances") or tolerances or NEW_REFERENCE_TOLERANCES,
         "results": results,

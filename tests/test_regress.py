@@ -210,12 +210,12 @@ def test_the_shipped_densecl_reference_gates_a_partial_run():
 def test_write_reference_round_trips_and_keeps_reviewed_tolerances(tmp_path):
     path = tmp_path / "demo.json"
     run = full_run(svm=20.123456) + [rec("imagenet_knn", "k=10", 10.0, trial=1)]  # k=10: trials 48.2 and 10.0
-    written = write_reference(run, path, command="densecl-bench regress runs/x --write-reference demo.json")
+    written = write_reference(run, path)
     assert json.loads(path.read_text()) == written
     assert written["results"] == {"voc07_svm": {"best_layer": "feature5", "svm": 20.1235},
                                   "imagenet_knn": {"k=10": 29.1, "k=20": 48.5}}
     assert written["tolerances"] == NEW_REFERENCE_TOLERANCES and written["model"] == "run"
-    assert "regenerate with `densecl-bench regress runs/x --write-reference demo.json`" in written["source"]
+    assert written["two_sided"] and written["source"].startswith("densecl-bench, git ")
     assert compare(run, path).ok
     moved = compare(full_run(svm=20.2) + run[2:], path)  # +0.08 > 0.01: the reference is two-sided
     assert not moved.ok and verdicts(moved)[("voc07_svm", "svm")] == "better"
