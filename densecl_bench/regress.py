@@ -185,22 +185,23 @@ def resolve(tolerances: dict[str, Any], benchmark: str, metric: str) -> Toleranc
 def load_reference(spec: dict[str, Any] | str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A reference (a dict, a JSON file, or a released checkpoint's name) and the tolerances that go with
     it: the JSON's own `tolerances`, else those of the release whose reference it is, else none."""
+    path, release = None, None
     if isinstance(spec, dict):
-        return spec, spec.get("tolerances") or {}
-    path = Path(spec)
-    release = None
-    if not path.is_file() and str(spec) in released.load_manifest():
-        release = released.get(str(spec))
-        path = release.reference
-    try:
-        reference = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: cannot read the reference JSON: {err}") from err
+        reference = spec
+    else:
+        path = Path(spec)
+        if not path.is_file() and str(spec) in released.load_manifest():
+            release = released.get(str(spec))
+            path = release.reference
+        try:
+            reference = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise UserError(f"{path}: cannot read the reference JSON: {err}") from err
     if not isinstance(reference, dict) or not isinstance(reference.get("results"), dict):
-        raise UserError(f"{path}: not a reference JSON (expected {{'model': ..., 'results': {{benchmark: "
-                        "{metric: value}}}}})")
-    if reference.get("tolerances"):
-        return reference, reference["tolerances"]
+        raise UserError(f"{path or 'reference'}: not a reference (expected an object with `model` and "
+                        "`results: {benchmark: {metric: value}}`)")
+    if reference.get("tolerances") or path is None:
+        return reference, reference.get("tolerances") or {}
     release = release or released.reference_for(path)
     return reference, release.tolerances if release else {}
 

@@ -8,7 +8,9 @@ import statistics
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from densecl_bench.cli import main
 from densecl_bench.config import ConfigError
 from densecl_bench.regress import NEW_REFERENCE_TOLERANCES, compare, resolve, write_reference
 from densecl_bench.tables import reference_records
@@ -224,3 +226,23 @@ def test_write_reference_round_trips_and_keeps_reviewed_tolerances(tmp_path):
     assert write_reference(full_run(svm=20.2), path)["tolerances"] == {"voc07_svm": 0.1}
     with pytest.raises(ValueError, match="allow-partial"):
         write_reference([rec("voc07_svm", "svm", 1.0, allow_partial=True, missing_tensors=1)], path)
+
+
+def test_cli_gate_report_file_and_reference_writing(tmp_path):
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full_run(k20=47.0)))
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps(REFERENCE))
+    cli = CliRunner()
+    gate = cli.invoke(main, ["regress", str(run), "--reference", str(ref), "-o", str(tmp_path / "report.md")])
+    assert gate.exit_code == 1 and "| imagenet_knn.k=20 | 48.50 | 47.00 | -1.50 | ±0.50 | **worse** |" in gate.output
+    assert (tmp_path / "report.md").read_text() == gate.output.removesuffix("\n")
+    written = cli.invoke(main, ["regress", str(run), "--write-reference", str(tmp_path / "new.json")])
+    assert written.exit_code == 0 and "wrote" in written.output
+    assert cli.invoke(main, ["regress", str(run), "--reference", str(tmp_path / "new.json")]).exit_code == 0
+    for args, message in [([], "--reference (to compare) or --write-reference"),
+                          (["--reference", str(ref), "--require-all", "--allow-missing"], "contradict"),
+                          (["--reference", str(run / "ledger.jsonl")], "cannot read the reference JSON")]:
+        bad = cli.invoke(main, ["regress", str(run), *args])
+        assert bad.exit_code == 2 and bad.output.startswith("error: ") and message in bad.output, bad.output
