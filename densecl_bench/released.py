@@ -11,7 +11,6 @@ points at another manifest (a private registry, a mirror, the tests' local serve
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import urllib.error
@@ -121,11 +120,19 @@ def reference_for(path: str | os.PathLike[str]) -> Release | None:
 
 def fetch(release: Release, url: str | None = None, progress: bool = True,
           echo: Callable[[str], None] = print) -> Path:
-    """Download `release` (or a mirror `url` of it), verify its hash, store it atomically; idempotent."""
+    """Download `release` (or a mirror `url` of it), verify its hash, store it atomically; idempotent.
+
+    A stored file that no longer matches the manifest (a re-pinned release) is downloaded again.
+    """
+    from densecl_bench.checkpoint import file_sha256  # checkpoint resolves names through this module
+
     dest = release.path
     if dest.is_file():
-        echo(f"{release.name}: already fetched at {dest}")
-        return dest
+        if file_sha256(dest).startswith(release.sha256):
+            echo(f"{release.name}: already fetched at {dest}")
+            return dest
+        echo(f"{release.name}: {dest} does not match the manifest's sha256 {release.sha256}; fetching it again")
+        dest.unlink()
     download(url or release.url, dest, release.sha256, progress=progress)
     echo(f"{release.name}: verified sha256 {release.sha256}{'' if len(release.sha256) == 64 else '…'}, "
          f"stored at {dest}")
@@ -140,6 +147,8 @@ def download(url: str, dest: Path, sha256: str, progress: bool = True, timeout: 
     verify is deleted (its bytes cannot be trusted to resume from) and nothing is stored.
     """
     from tqdm import tqdm
+
+    from densecl_bench.checkpoint import file_sha256
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -168,8 +177,7 @@ def download(url: str, dest: Path, sha256: str, progress: bool = True, timeout: 
         kept = part.stat().st_size if part.exists() else 0
         raise FetchError(f"{url}: download interrupted after {kept} bytes ({type(err).__name__}: {err}); "
                          "run the same command again to resume") from err
-    with open(part, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    digest = file_sha256(part)
     if not digest.startswith(sha256):
         part.unlink()
         raise FetchError(f"{url}: sha256 mismatch: expected {sha256}{'' if len(sha256) == 64 else '…'}, "

@@ -114,6 +114,8 @@ def test_fetch_verifies_the_published_prefix_and_stores_once(manifest, server):
     assert "verified sha256" in result.output and "Range" not in server.requests[0]
     again = fetch_cli("tiny_prefix")
     assert "already fetched" in again.output and len(server.requests) == 1  # nothing downloaded twice
+    stored.write_bytes(b"a re-pinned release")  # the stored file no longer matches the manifest
+    assert "fetching it again" in fetch_cli("tiny_prefix").output and stored.read_bytes() == PAYLOAD
 
 
 def test_fetch_resumes_an_interrupted_download_with_range(manifest, server):
@@ -190,3 +192,4 @@ def test_the_shipped_manifest():
     listing = CliRunner().invoke(main, ["released"])
     assert listing.exit_code == 0 and "densecl_r50_8xb32-coslr-200e  (DenseCL)" in listing.output
     assert "1efb342c… (published prefix)" in listing.output
+    assert CliRunner().invoke(main, ["released", "--names"]).output.split() == list(releases)
