@@ -193,3 +193,12 @@ def test_the_shipped_manifest():
     assert listing.exit_code == 0 and "densecl_r50_8xb32-coslr-200e  (DenseCL)" in listing.output
     assert "1efb342c… (published prefix)" in listing.output
     assert CliRunner().invoke(main, ["released", "--names"]).output.split() == list(releases)
+
+
+def test_a_complete_part_file_is_verified_on_the_servers_416(manifest, server):
+    part = released.get("tiny_full").path.with_name("tiny_full.pth.part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(PAYLOAD)  # killed after the last byte, before the rename
+    released.fetch(released.get("tiny_full"), progress=False, echo=lambda _: None)
+    assert server.requests[-1]["Range"] == f"bytes={len(PAYLOAD)}-"
+    assert released.get("tiny_full").path.read_bytes() == PAYLOAD and not part.exists()
