@@ -60,5 +60,5 @@ def test_one_changed_svm_cost_turns_the_demo_gate_red(tmp_path, monkeypatch):
     gate = CliRunner().invoke(main, ["regress", str(run), "--reference", str(feature1_reference(tmp_path))])
     assert gate.exit_code == 1
     row = next(line for line in gate.output.splitlines() if line.startswith("| voc07_svm.feature1 |"))
-    assert row.endswith("| ±0.01 | **worse** |") or row.endswith("| ±0.01 | **better** |")
+    assert row.endswith(("| **worse** |", "| **better** |"))  # -0.29 on the current demo data
     assert "FAIL: " in gate.output
