@@ -28,6 +28,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from densecl_bench import released
 from densecl_bench.backbone import ARCHS, Backbone, random_state_dict
 from densecl_bench.errors import UserError
 from densecl_bench.paths import atomic_path, atomic_torch_save
@@ -273,7 +274,8 @@ def load_checkpoint(path: str | Path, arch: str | None = None, allow_partial: bo
     """Load the ResNet backbone from any supported layout, verified complete and finite.
 
     Args:
-        path: a checkpoint file, or the string `random` for the seeded random-init backbone.
+        path: a checkpoint file, a released name (`densecl-bench released`; its fetched file), or the
+            string `random` for the seeded random-init backbone.
         arch: resnet18/34/50/101; inferred from the keys when None (a mismatch is an error).
         allow_partial: load even if backbone tensors are missing (they keep random init and are
             listed in `missing_keys`); logged as a warning. Shape mismatches and NaN/inf values
@@ -285,7 +287,7 @@ def load_checkpoint(path: str | Path, arch: str | None = None, allow_partial: bo
         expected_shapes(arch)  # validates the name
         return LoadedCheckpoint(random_state_dict(arch, seed=seed), arch, "random", random_sha256(arch, seed),
                                 "random", meta={"seed": seed})
-    path = Path(path)
+    path = released.resolve(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     sha = file_sha256(path)

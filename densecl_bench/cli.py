@@ -153,7 +153,8 @@ def extract(ckpt: str, dataset: str, split: str, layers: str, data_root: Path | 
 # ---------------------------------------------------------------- benchmarks
 @main.command()
 @click.argument("benchmarks", nargs=-1, required=True)
-@click.option("--ckpt", required=True, help="Checkpoint file, or `random` for a random init seeded by --seed.")
+@click.option("--ckpt", required=True,
+              help="Checkpoint file, a released name (after `fetch`), or `random` for a random init seeded by --seed.")
 @click.option("--data-root", type=PathArg, default=None, help="Default: the embedded demo datasets.")
 @click.option("--runs-dir", type=PathArg, default=Path("runs"), show_default=True)
 @click.option("--run-id", default=None,
@@ -242,31 +243,94 @@ def table(runs: tuple[Path, ...], output: Path | None, skip_empty: bool) -> None
 
 @main.command()
 @click.argument("run_dir", type=PathArg)
-@click.option("--reference", type=PathArg, required=True, help="Reference numbers (JSON, model-zoo layout).")
-@click.option("--tolerances", type=PathArg, default=None, help="YAML of per-metric tolerances.")
-@click.option("--allow-missing", is_flag=True, help="A metric missing from the run is not a failure.")
+@click.option("--reference", default=None,
+              help="Reference numbers: a JSON (model-zoo layout) or a released checkpoint's name.")
+@click.option("--tolerances", type=PathArg, default=None,
+              help="YAML of per-metric tolerances, in place of the reference's own.")
+@click.option("--require-all", is_flag=True,
+              help="Fail on reference metrics the run did not produce (`not run`) or left out (CI on real data).")
+@click.option("--allow-missing", is_flag=True,
+              help="Records left out for a caveat are not a failure either (`not run` never fails without "
+                   "--require-all).")
 @click.option("--label", default=None, help="Which row of the run to check, when it holds several.")
 @click.option("--two-sided", is_flag=True,
               help="Also fail on a metric better than the reference beyond tolerance (the protocol moved).")
 @click.option("--include-flagged", is_flag=True,
               help="Judge records with a caveat too (--allow-partial, --skip-bad-images, bf16, a missed "
                    "total batch; left out by default).")
-def regress(run_dir: Path, reference: Path, tolerances: Path | None, allow_missing: bool, label: str | None,
-            two_sided: bool, include_flagged: bool) -> None:
-    """Compare a run with reference numbers: verdicts ok / worse / better; exit 1 on any worse metric."""
+@click.option("-o", "--output", type=PathArg, default=None, help="Also write the markdown report here.")
+@click.option("--write-reference", type=PathArg, default=None,
+              help="Write the run's numbers as a reference JSON instead (keeps an existing file's tolerances).")
+def regress(run_dir: Path, reference: str | None, tolerances: Path | None, require_all: bool,
+            allow_missing: bool, label: str | None, two_sided: bool, include_flagged: bool,
+            output: Path | None, write_reference: Path | None) -> None:
+    """Compare a run with reference numbers and print a markdown table; exit 1 on any failure.
+
+    Verdicts: ok, worse, better (fails with --two-sided), differs (labels), not run (fails with
+    --require-all), excluded (caveats; fails unless --allow-missing), skipped (no reference).
+    """
+    from densecl_bench.paths import atomic_write_text
     from densecl_bench.regress import compare, load_tolerances
+    from densecl_bench.regress import write_reference as write_ref
     from densecl_bench.results import Ledger
 
     if not (run_dir / "ledger.jsonl").exists():
         _fail(FileNotFoundError(f"{run_dir}: no ledger.jsonl (expected a run directory such as runs/<run-id>)"))
+    if (reference is None) == (write_reference is None):
+        _fail(click.UsageError("give --reference (to compare) or --write-reference (to write one)"))
+    if allow_missing and require_all:
+        _fail(click.UsageError("--allow-missing and --require-all contradict each other"))
     try:
+        if write_reference is not None:
+            ref = write_ref(Ledger(run_dir).records(), write_reference, label=label,
+                            tolerances=load_tolerances(tolerances) if tolerances else None)
+            n = sum(len(m) for m in ref["results"].values())
+            click.echo(f"wrote {write_reference}: {n} metrics of {ref['model']}")
+            return
         report = compare(Ledger(run_dir).records(), reference, load_tolerances(tolerances) if tolerances else None,
                          allow_missing=allow_missing, label=label, two_sided=two_sided,
-                         include_flagged=include_flagged)
+                         include_flagged=include_flagged, require_all=require_all)
     except ValueError as err:
         _fail(err)
     click.echo(report.format())
+    if output:
+        atomic_write_text(output, report.format())
     sys.exit(0 if report.ok else 1)
+
+
+# ---------------------------------------------------------------- released checkpoints
+@main.command()
+@click.option("--names", is_flag=True, help="Only the names, one a line (for scripts).")
+def released(names: bool) -> None:
+    """The pinned released checkpoints: name, url, sha256, layout, reference JSON, and whether fetched."""
+    from densecl_bench import released as rel
+
+    for release in rel.load_manifest().values():
+        if names:
+            click.echo(release.name)
+            continue
+        fetched = f"fetched: {release.path}" if release.path.is_file() else "not fetched"
+        click.echo(f"{release.name}  ({release.method})\n    url:       {release.url}\n"
+                   f"    sha256:    {release.sha256}{'' if len(release.sha256) == 64 else '… (published prefix)'}\n"
+                   f"    layout:    {release.layout}\n    reference: {release.reference}\n    {fetched}")
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+@click.option("--all", "fetch_all", is_flag=True, help="Every released checkpoint.")
+@click.option("--url", default=None, help="Download from this mirror instead (the hash is still the manifest's).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def fetch(names: tuple[str, ...], fetch_all: bool, url: str | None, no_progress: bool) -> None:
+    """Download released checkpoints into $DENSECL_BENCH_HOME/weights, verified against their sha256.
+
+    Resumes a partial download; refuses (and deletes) a file whose hash does not match.
+    """
+    from densecl_bench import released as rel
+
+    if fetch_all == bool(names) or (url and len(names) != 1):
+        _fail(click.UsageError("give released names, or --all (--url takes exactly one name)"))
+    for name in rel.load_manifest() if fetch_all else names:
+        rel.fetch(rel.get(name), url=url, progress=not no_progress, echo=click.echo)
 
 
 # ---------------------------------------------------------------- pretraining
