@@ -97,11 +97,22 @@ def main() -> None:
 
     parts: dict[str, float] = defaultdict(float)
     starts: dict[str, float] = {}
+
+    def timer(name: str) -> tuple:
+        def begin(module: torch.nn.Module, args: tuple) -> None:
+            sync(device)
+            starts[name] = time.perf_counter()
+
+        def end(module: torch.nn.Module, args: tuple, out: object) -> None:
+            sync(device)
+            parts[name] += time.perf_counter() - starts[name]
+
+        return begin, end
+
     for name in ("backbone", "rpn", "roi_heads"):
-        module = getattr(model, name)
-        module.register_forward_pre_hook(lambda m, a, n=name: (sync(device), starts.__setitem__(n, time.perf_counter())))
-        module.register_forward_hook(
-            lambda m, a, o, n=name: (sync(device), parts.__setitem__(n, parts[n] + time.perf_counter() - starts[n])))
+        begin, end = timer(name)
+        getattr(model, name).register_forward_pre_hook(begin)
+        getattr(model, name).register_forward_hook(end)
 
     def step() -> None:
         with precision_mod.autocast(args.precision, device):

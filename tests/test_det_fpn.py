@@ -20,6 +20,7 @@ from torchvision.ops import roi_align
 from densecl_bench import config
 from densecl_bench.backbone import random_state_dict
 from densecl_bench.benchmarks.det_fpn import CocoMaskRcnnFpn1x
+from densecl_bench.checkpoint import load_checkpoint
 from densecl_bench.data.coco import coco_instances
 from densecl_bench.detection.coco_data import CocoTrainSet, crop_mask, training_images
 from densecl_bench.detection.coco_eval import COCOEvaluator, paste_masks
@@ -95,6 +96,8 @@ def test_every_backbone_tensor_loads_and_the_heads_are_the_protocols():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in [*two.roi_heads.box_head.modules(),
                                                             *two.roi_heads.mask_head.modules()])
     assert [m.out_features for m in two.roi_heads.box_head.modules() if isinstance(m, nn.Linear)] == [1024, 1024]
+    r18, loaded = mask_rcnn_from_checkpoint(load_checkpoint("random", arch="resnet18"), TINY)  # any ResNet's widths
+    assert loaded["used"] == loaded["of"] and r18.backbone.fpn.inner_blocks[0][0].in_channels == 64
 
 
 def test_roi_levels_and_pooling_follow_mmdet():

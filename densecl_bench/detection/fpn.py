@@ -176,8 +176,10 @@ def build_mask_rcnn(resnet: ResNet, cfg: FPNConfig = FPNConfig()) -> Generalized
     norm = nn.BatchNorm2d if cfg.head == "4conv1fc" else None
     c = cfg.fpn_channels
     # the FPN is normed in both configs (PROTOCOLS.md §7: mmdet SyncBN neck; detectron2 FPN.NORM SyncBN)
-    backbone = BackboneWithFPN(resnet, {f"layer{i}": str(i - 1) for i in range(1, 5)},
-                               [256, 512, 1024, 2048], c, extra_blocks=LastLevelMaxPool(), norm_layer=nn.BatchNorm2d)
+    stages = [getattr(resnet, f"layer{i}") for i in range(1, 5)]
+    widths = [(s[-1].bn3 if hasattr(s[-1], "bn3") else s[-1].bn2).num_features for s in stages]  # 256..2048 for R50
+    backbone = BackboneWithFPN(resnet, {f"layer{i}": str(i - 1) for i in range(1, 5)}, widths, c,
+                               extra_blocks=LastLevelMaxPool(), norm_layer=nn.BatchNorm2d)
     anchors = UnroundedAnchorGenerator(tuple((s,) for s in cfg.anchor_sizes),
                                        (tuple(cfg.aspect_ratios),) * len(cfg.anchor_sizes))
     rpn = build_rpn(anchors, c, cfg)
