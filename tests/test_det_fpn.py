@@ -167,6 +167,7 @@ def test_tiny_train_step_and_inference():
 
 SQUARE = [[4.0, 4.0, 28.0, 4.0, 28.0, 26.0, 4.0, 26.0]]
 TRIANGLE = [[36.0, 10.0, 60.0, 40.0, 34.0, 44.0]]
+OUTSIDE = [[66.0, 10.0, 80.0, 10.0, 80.0, 20.0]]  # right of a 64-wide image
 
 
 def _ann(image_id: int, ann_id: int, category: int, polygon: list[list[float]], crowd: int = 0) -> dict:
@@ -178,12 +179,12 @@ def _ann(image_id: int, ann_id: int, category: int, polygon: list[list[float]], 
 
 
 def write_coco(root: Path) -> Path:
-    """coco/{train2017,val2017}: 64x48 (or 48x64) JPEGs, categories 1, 3, 7; train holds a crowd-only
-    image, an image without annotations and a crowd instance beside two others."""
+    """coco/{train2017,val2017}: 64x48 JPEGs, categories 1, 3, 7; train holds a crowd-only image, an image
+    without annotations, a crowd instance beside two others and an instance outside its image."""
     coco = root / "coco"
     cats = [{"id": c, "name": f"c{c}", "supercategory": "s"} for c in (1, 3, 7)]
     layouts = {
-        "train2017": [[(1, SQUARE, 0), (3, TRIANGLE, 0), (7, TRIANGLE, 1)], [(7, SQUARE, 1)], [], [(3, SQUARE, 0)],
+        "train2017": [[(1, SQUARE, 0), (3, TRIANGLE, 0), (7, TRIANGLE, 1)], [(7, SQUARE, 1)], [], [(3, SQUARE, 0), (1, OUTSIDE, 0)],
                       [(7, TRIANGLE, 0), (1, SQUARE, 0)]],
         "val2017": [[(1, SQUARE, 0), (7, TRIANGLE, 0)], [(3, TRIANGLE, 0), (3, SQUARE, 0)], [(7, SQUARE, 0)]],
     }
@@ -214,7 +215,7 @@ def test_training_images_leave_crowds_and_empty_images_out(data_root: Path):
     train = coco_instances(data_root / "coco", "train2017")
     mmdet = training_images(train)
     assert [im.id for im in mmdet.images] == [1, 2, 4, 5]  # image 2 (crowd only) trains as background
-    assert mmdet.counts() == {"images": 4, "crowd_dropped": 2, "degenerate_dropped": 0,
+    assert mmdet.counts() == {"images": 4, "crowd_dropped": 2, "degenerate_dropped": 1,
                               "images_without_annotations": 1, "crowd_only_images": 1}
     assert [im.id for im in training_images(train, drop_crowd_only=True).images] == [1, 4, 5]
     assert mmdet.images[0].iscrowd.tolist() == [False, False] and len(mmdet.images[1].boxes) == 0

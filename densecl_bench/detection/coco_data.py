@@ -3,8 +3,8 @@
 Training images (mmdet `CocoDataset` in training mode, detectron2 `DatasetMapper`):
 
 - crowd instances are not ground truth (mmdet puts them in `bboxes_ignore`, which the 1x config
-  ignores; detectron2 drops them), nor are boxes narrower or lower than one pixel or of zero area
-  (mmdet `_parse_ann_info`); both are counted;
+  ignores; detectron2 drops them), nor are boxes narrower or lower than one pixel, of zero area or
+  outside the image (mmdet `_parse_ann_info`); both are counted;
 - images without any annotation are left out (mmdet `filter_empty_gt`); detectron2 also leaves out
   images whose annotations are all crowd (`drop_crowd_only`, the d2 flavour), where mmdet trains
   on them as background;
@@ -65,8 +65,10 @@ def training_images(dataset: CocoDataset, drop_crowd_only: bool = False) -> Coco
         if len(image.boxes) == 0:
             out.images_without_annotations += 1
             continue
-        w, h = image.boxes[:, 2], image.boxes[:, 3]
-        proper = (w >= 1) & (h >= 1) & (image.areas > 0)
+        x, y, w, h = image.boxes.T
+        overlap_w = np.minimum(x + w, image.width) - np.maximum(x, 0)
+        overlap_h = np.minimum(y + h, image.height) - np.maximum(y, 0)
+        proper = (w >= 1) & (h >= 1) & (image.areas > 0) & (overlap_w > 0) & (overlap_h > 0)
         out.crowd_dropped += int(image.iscrowd.sum())
         out.degenerate_dropped += int((~image.iscrowd & ~proper).sum())
         keep = ~image.iscrowd & proper
