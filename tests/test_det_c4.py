@@ -10,12 +10,11 @@ from torchvision.models.detection._utils import Matcher
 
 from densecl_bench.backbone import random_state_dict
 from densecl_bench.checkpoint import LoadedCheckpoint
-from densecl_bench.detection.c4 import (
-    C4RPN,
-    C4Config,
+from densecl_bench.detection.c4 import C4Config, c4_from_checkpoint
+from densecl_bench.detection.common import (
+    L1RPN,
     MMDetLowQualityMatcher,
     UnroundedAnchorGenerator,
-    c4_from_checkpoint,
     fastrcnn_l1_loss,
     rpn_l1_loss,
 )
@@ -91,7 +90,7 @@ def test_l1_losses_by_hand():
 
 def test_allowed_border_ignores_anchors_across_the_image_edge():
     gen = UnroundedAnchorGenerator(((32,),), ((1.0,),))
-    rpn = C4RPN(gen, nn.Identity(), 0.7, 0.3, 256, 0.5, {"training": 10, "testing": 10},
+    rpn = L1RPN(gen, nn.Identity(), 0.7, 0.3, 256, 0.5, {"training": 10, "testing": 10},
                 {"training": 10, "testing": 10}, 0.7, allowed_border=0)
     rpn._image_sizes = [(40, 40)]
     anchors = torch.tensor([[0.0, 0, 32, 32], [-1, 0, 31, 32], [20, 20, 40, 40], [20, 20, 39.5, 39.5]])
@@ -135,6 +134,6 @@ def test_mmdet_low_quality_matching():
     # own best GT, and GT 2's best anchor is matched at any IoU
     assert MMDetLowQualityMatcher(0.7, 0.3, 0.3)(iou).tolist() == [0, 1, -1, -1, -1]
     assert Matcher(0.7, 0.3, allow_low_quality_matches=True)(iou).tolist() == [1, 1, -1, -1, 2]
-    model = C4RPN(UnroundedAnchorGenerator(), nn.Identity(), 0.7, 0.3, 256, 0.5, {"training": 1, "testing": 1},
+    model = L1RPN(UnroundedAnchorGenerator(), nn.Identity(), 0.7, 0.3, 256, 0.5, {"training": 1, "testing": 1},
                   {"training": 1, "testing": 1}, 0.7, min_pos_iou=0.3)
     assert isinstance(model.proposal_matcher, MMDetLowQualityMatcher)

@@ -1,4 +1,4 @@
-"""VOC07+12 detection data for the C4 benchmark: flavour boxes, multi-scale resize, flip, seeding."""
+"""VOC07+12 detection data for the C4 benchmark: flavour boxes, multi-scale resize, flip, seeding, grouping."""
 
 from pathlib import Path
 
@@ -11,6 +11,7 @@ from torch.utils.data import DistributedSampler
 from densecl_bench.data.voc import DetectionRecord
 from densecl_bench.detection.data import (
     TRAIN_SIZES,
+    AspectRatioGroupedSampler,
     DetectionTestSet,
     DetectionTrainSet,
     collate,
@@ -89,7 +90,7 @@ def test_train_draws_are_seeded_per_sample(image: Path):
 
 def test_test_sample_and_scaling_back(image: Path):
     r = record(image, [[6, 4, 30, 20]], [7], [False])
-    img, target = DetectionTestSet([r], size=80)[0]
+    img, target = DetectionTestSet([(r.image, r.image_id)], size=80)[0]
     assert img.shape == (3, 80, 120) and target == {"image_id": "a", "orig_size": (40, 60)}
     out = to_original([{"boxes": torch.tensor([[12.0, 8, 60, 40]]), "scores": torch.tensor([0.9])}], [img], [target])
     assert out[0]["boxes"].tolist() == [[6, 4, 30, 20]] and out[0]["scores"].tolist() == [pytest.approx(0.9)]
@@ -140,3 +141,23 @@ def test_training_batches_resume_mid_epoch(image: Path):
     assert len(full) == 3
     assert summary(loader.epoch(1, start=1)) == full[1:]
     assert summary(loader.epoch(0)) != full
+
+
+def test_aspect_ratio_groups_make_whole_batches_per_rank():
+    wide = [i % 3 != 0 for i in range(23)]  # 15 wide, 8 tall
+    ranks = [AspectRatioGroupedSampler(wide, 2, world=2, rank=r, seed=4) for r in range(2)]
+    # floor(15 / 2) + floor(8 / 2) = 11 batches, 5 per rank
+    assert [len(s) for s in ranks] == [10, 10]
+    orders = [list(s) for s in ranks]
+    assert not set(orders[0]) & set(orders[1])
+    for order in orders:
+        assert all(wide[a] == wide[b] for a, b in zip(order[::2], order[1::2]))
+    assert list(ranks[0]) == orders[0]  # a function of (seed, epoch)
+    ranks[0].set_epoch(1)
+    assert list(ranks[0]) != orders[0]
+    # the loader resumes at batch i of the grouped order
+    image_free = [record(Path("x.jpg"), [], [], [], image_id=str(i)) for i in range(23)]
+    loader = EpochLoader(image_free, AspectRatioGroupedSampler(wide, 2, seed=4), 2, drop_last=True,
+                         collate_fn=lambda b: [r.image_id for r in b])
+    full = list(loader.epoch(0))
+    assert len(full) == len(loader) == 11 and list(loader.epoch(0, start=3)) == full[3:]

@@ -5,20 +5,15 @@ torchvision gives `GeneralizedRCNN`, `RegionProposalNetwork`, `RPNHead`, `RoIHea
 
 - `C4Trunk`: stem + layer1..3 of the checkpoint (stride 16, 1024 channels), the "res4" feature that
   the RPN and the box head read (detectron2 `build_resnet_backbone` with OUT_FEATURES [res4]);
-- `UnroundedAnchorGenerator`: sizes 32..512 x ratios 0.5/1/2 at stride 16, cell anchors not rounded
-  to integers (detectron2 `DefaultAnchorGenerator`, mmdet 2.x `AnchorGenerator`; torchvision rounds);
-- `C4RPN`: L1 box loss (detectron2 SMOOTH_L1_BETA 0, mmdet `L1Loss`; torchvision hard-codes smooth-L1
-  with beta 1/9) and, when asked for, mmdet's anchor rules: `allowed_border=0` (anchors crossing the
-  image border take no part in the assignment) and `MMDetLowQualityMatcher` (`min_pos_iou=0.3`);
+- anchors 32..512 x ratios 0.5/1/2 at stride 16, not rounded, and the RPN with the L1 loss and
+  mmdet's `allowed_border=0` / `min_pos_iou=0.3` rules (`detection.common`, shared with the FPN model);
 - `RoIAlignC4`: `ops.roi_align` 14x14 at 1/16, sampling_ratio 0, aligned=True (detectron2 ROIAlignV2,
   mmcv `RoIAlign(14, sampling_ratio=0)`); `MultiScaleRoIAlign` cannot pass `aligned`;
 - `Res5Head`: the checkpoint's layer4 (stride 2 in the first block's 3x3, as torchvision) on the
   pooled RoIs, an extra BN after it (MoCo `Res5ROIHeadsExtraNorm`, MMSelfSup `ResLayerExtraNorm`),
   then the mean over H, W;
 - `C4RoIHeads`: boxes only, with the L1 box loss;
-- `PadBatch`: normalisation (RGB, 0..255 mean/std of the `_moco` config) and zero padding to a
-  multiple of 32; resizing and flipping happen in the data loader, so nothing is resized here and
-  the detections come back in the coordinates of the (resized) input tensors.
+- `common.PadBatch`: normalisation and padding to 32; resizing and flipping happen in the loader.
 
 Every backbone tensor of the checkpoint is used: conv1/bn1/layer1..3 in the trunk, layer4 in the
 box head (`backbone_keys` maps them, `check_loaded` verifies them). BN is plain `nn.BatchNorm2d`
@@ -29,66 +24,41 @@ more than one process.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection._utils import Matcher
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import roi_align
 
 from densecl_bench.backbone import Backbone
 from densecl_bench.checkpoint import LoadedCheckpoint, build_backbone
+from densecl_bench.detection.common import (
+    PadBatch,
+    RCNNSettings,
+    UnroundedAnchorGenerator,
+    build_rpn,
+    check_loaded,
+    fastrcnn_l1_loss,
+    init_box_predictor,
+)
 
 STRIDE = 16
-PIXEL_MEAN = (123.675, 116.280, 103.530)  # RGB, 0..255 (PROTOCOLS.md §6.1, `_moco.yaml`)
-PIXEL_STD = (58.395, 57.120, 57.375)
 
 
 @dataclass(frozen=True)
-class C4Config:
+class C4Config(RCNNSettings):
     """The model's protocol values (PROTOCOLS.md §6.1); defaults are the published ones."""
 
-    num_classes: int = 20
-    anchor_sizes: tuple[float, ...] = (32, 64, 128, 256, 512)
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    kind: ClassVar[str] = "C4"
     rpn_pre_nms_train: int = 12000
     rpn_post_nms_train: int = 2000
     rpn_pre_nms_test: int = 6000
-    rpn_post_nms_test: int = 1000
-    rpn_nms: float = 0.7
-    rpn_fg_iou: float = 0.7
-    rpn_bg_iou: float = 0.3
-    rpn_batch_per_image: int = 256
-    rpn_positive_fraction: float = 0.5
     allowed_border: float | None = None  # mmdet C4: 0; detectron2: no such rule
-    rpn_min_pos_iou: float | None = None  # mmdet: 0.3 (`MMDetLowQualityMatcher`); None: detectron2's matcher
-    roi_fg_iou: float = 0.5
-    roi_bg_iou: float = 0.5
-    rois_per_image: int = 512
-    roi_positive_fraction: float = 0.25
-    bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
     pooler_resolution: int = 14
-    score_thresh: float = 0.05
-    nms: float = 0.5
-    detections_per_image: int = 100
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> C4Config:
-        """From a config mapping; unknown keys are an error, lists become tuples."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown C4 model settings: {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 class C4Trunk(nn.Module):
@@ -103,93 +73,6 @@ class C4Trunk(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return OrderedDict(res4=self.layer3(self.layer2(self.layer1(x))))
-
-
-class UnroundedAnchorGenerator(AnchorGenerator):
-    """torchvision's generator with the cell anchors kept at their exact (fractional) corners."""
-
-    def generate_anchors(self, scales: Sequence[float], aspect_ratios: Sequence[float],
-                         dtype: torch.dtype = torch.float32, device: torch.device = torch.device("cpu")) -> Tensor:
-        scales_t = torch.as_tensor(scales, dtype=dtype, device=device)
-        h_ratios = torch.sqrt(torch.as_tensor(aspect_ratios, dtype=dtype, device=device))
-        ws = (scales_t[None, :] / h_ratios[:, None]).reshape(-1)  # w = s / sqrt(r), h = s * sqrt(r): area s^2
-        hs = (scales_t[None, :] * h_ratios[:, None]).reshape(-1)
-        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
-
-
-def rpn_l1_loss(objectness: Tensor, deltas: Tensor, labels: Tensor, targets: Tensor,
-                pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor]:
-    """BCE over the sampled anchors and L1 over the positive ones' deltas, both per sampled anchor.
-
-    The normaliser is the number of sampled anchors (mmdet `avg_factor = num_pos + num_neg`;
-    detectron2 divides by 256 x images, the same whenever an image has 256 labelled anchors).
-    """
-    sampled = torch.cat([pos, neg])
-    box = F.l1_loss(deltas[pos], targets[pos], reduction="sum") / max(sampled.numel(), 1)
-    return F.binary_cross_entropy_with_logits(objectness[sampled], labels[sampled]), box
-
-
-class MMDetLowQualityMatcher(Matcher):
-    """mmdet 2.x `MaxIoUAssigner(match_low_quality=True, min_pos_iou, gt_max_assign_all=True)`.
-
-    The low-quality step differs from detectron2's (torchvision's) `Matcher`: only a GT whose best
-    IoU reaches `min_pos_iou` gets its best anchors (all ties), and such an anchor is assigned to
-    that GT (the last one, in GT order, when several claim it), not to its own best GT.
-    """
-
-    def __init__(self, high: float, low: float, min_pos_iou: float) -> None:
-        super().__init__(high, low, allow_low_quality_matches=True)
-        self.min_pos_iou = min_pos_iou
-
-    def set_low_quality_matches_(self, matches: Tensor, all_matches: Tensor, match_quality_matrix: Tensor) -> None:
-        best = match_quality_matrix.max(dim=1).values
-        claims = (match_quality_matrix == best[:, None]) & (best >= self.min_pos_iou)[:, None]
-        order = torch.arange(1, len(best) + 1, device=matches.device)[:, None]
-        last = (claims * order).max(dim=0).values  # 1 + the last claiming GT, 0 for none
-        matches[last > 0] = last[last > 0] - 1
-
-
-class C4RPN(RegionProposalNetwork):
-    """torchvision's RPN with the L1 box loss and, when set, mmdet's border rule and low-quality matching."""
-
-    def __init__(self, *args: Any, allowed_border: float | None = None, min_pos_iou: float | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.allowed_border = allowed_border
-        if min_pos_iou is not None:
-            self.proposal_matcher = MMDetLowQualityMatcher(self.proposal_matcher.high_threshold,
-                                                           self.proposal_matcher.low_threshold, min_pos_iou)
-        self._image_sizes: list[tuple[int, int]] = []
-
-    def forward(self, images: ImageList, features: dict[str, Tensor],
-                targets: list[dict[str, Tensor]] | None = None) -> tuple[list[Tensor], dict[str, Tensor]]:
-        self._image_sizes = list(images.image_sizes)  # the unpadded sizes, for the border rule
-        return super().forward(images, features, targets)
-
-    def assign_targets_to_anchors(self, anchors: list[Tensor], targets: list[dict[str, Tensor]]
-                                  ) -> tuple[list[Tensor], list[Tensor]]:
-        if self.allowed_border is None:
-            return super().assign_targets_to_anchors(anchors, targets)
-        labels, matched = [], []
-        for anchors_i, target, (h, w) in zip(anchors, targets, self._image_sizes, strict=True):
-            b = self.allowed_border
-            inside = ((anchors_i[:, 0] >= -b) & (anchors_i[:, 1] >= -b)
-                      & (anchors_i[:, 2] < w + b) & (anchors_i[:, 3] < h + b))
-            # mmdet assigns among the inside anchors only (the low-quality matches included)
-            label_in, matched_in = super().assign_targets_to_anchors([anchors_i[inside]], [target])
-            label = torch.full((len(anchors_i),), -1.0, device=anchors_i.device)
-            label[inside] = label_in[0]
-            boxes = torch.zeros_like(anchors_i)
-            boxes[inside] = matched_in[0]
-            labels.append(label)
-            matched.append(boxes)
-        return labels, matched
-
-    def compute_loss(self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: list[Tensor],
-                     regression_targets: list[Tensor]) -> tuple[Tensor, Tensor]:
-        pos, neg = (torch.where(torch.cat(m))[0] for m in self.fg_bg_sampler(labels))
-        return rpn_l1_loss(objectness.flatten(), pred_bbox_deltas, torch.cat(labels),
-                           torch.cat(regression_targets), pos, neg)
 
 
 class RoIAlignC4(nn.Module):
@@ -217,20 +100,6 @@ class Res5Head(nn.Module):
         return self.norm(self.res5(x)).mean((2, 3))
 
 
-def fastrcnn_l1_loss(class_logits: Tensor, box_regression: Tensor, labels: list[Tensor],
-                     regression_targets: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """CE over the sampled RoIs; L1 of the positives' deltas of their class, summed / number of RoIs.
-
-    detectron2 `FastRCNNOutputLayers.box_reg_loss` (beta 0) and mmdet `BBoxHead.loss` (`L1Loss`,
-    avg_factor = the sampled RoIs); torchvision's `fastrcnn_loss` is the same with smooth-L1 beta 1/9.
-    """
-    labels_t, targets = torch.cat(labels), torch.cat(regression_targets)
-    pos = torch.where(labels_t > 0)[0]
-    deltas = box_regression.reshape(len(labels_t), -1, 4)[pos, labels_t[pos]]
-    box = F.l1_loss(deltas, targets[pos], reduction="sum") / max(labels_t.numel(), 1)
-    return F.cross_entropy(class_logits, labels_t), box
-
-
 class C4RoIHeads(RoIHeads):
     """torchvision's box RoI heads (sampling, box coding, post-processing) with the L1 box loss."""
 
@@ -249,31 +118,6 @@ class C4RoIHeads(RoIHeads):
         return [{"boxes": b, "scores": s, "labels": c} for b, s, c in zip(boxes, scores, classes)], {}
 
 
-class PadBatch(nn.Module):
-    """Normalise each RGB 0..255 image and zero-pad the batch to a multiple of 32 (after normalising,
-    as detectron2 and mmdet pad). No resizing: the loader has already resized."""
-
-    def __init__(self, divisor: int = 32) -> None:
-        super().__init__()
-        self.divisor = divisor
-        self.register_buffer("mean", torch.tensor(PIXEL_MEAN).view(3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(PIXEL_STD).view(3, 1, 1), persistent=False)
-
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
-                ) -> tuple[ImageList, list[dict[str, Tensor]] | None]:
-        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        h = -(-max(s[0] for s in sizes) // self.divisor) * self.divisor
-        w = -(-max(s[1] for s in sizes) // self.divisor) * self.divisor
-        batch = images[0].new_zeros(len(images), 3, h, w, dtype=self.mean.dtype)
-        for out, im, (ih, iw) in zip(batch, images, sizes):
-            out[:, :ih, :iw] = (im.to(self.mean.dtype) - self.mean) / self.std
-        return ImageList(batch, sizes), targets
-
-    def postprocess(self, result: list[dict[str, Tensor]], image_shapes: list[tuple[int, int]],
-                    original_image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
-        return result
-
-
 def backbone_from_checkpoint(ckpt: LoadedCheckpoint) -> Backbone:
     """A trainable copy of the checkpoint's backbone (train mode, gradients on, nothing frozen).
 
@@ -287,19 +131,9 @@ def build_c4(backbone: Backbone, cfg: C4Config = C4Config()) -> GeneralizedRCNN:
     """Faster R-CNN R50-C4 around `backbone` (its modules are taken, not copied; pass a fresh one)."""
     trunk = C4Trunk(backbone)
     anchors = UnroundedAnchorGenerator((tuple(cfg.anchor_sizes),), (tuple(cfg.aspect_ratios),))
-    rpn = C4RPN(
-        anchors, RPNHead(trunk.out_channels, anchors.num_anchors_per_location()[0]),
-        cfg.rpn_fg_iou, cfg.rpn_bg_iou, cfg.rpn_batch_per_image, cfg.rpn_positive_fraction,
-        {"training": cfg.rpn_pre_nms_train, "testing": cfg.rpn_pre_nms_test},
-        {"training": cfg.rpn_post_nms_train, "testing": cfg.rpn_post_nms_test},
-        cfg.rpn_nms, allowed_border=cfg.allowed_border, min_pos_iou=cfg.rpn_min_pos_iou,
-    )
+    rpn = build_rpn(anchors, trunk.out_channels, cfg, cfg.allowed_border)
     head = Res5Head(backbone)
-    predictor = FastRCNNPredictor(head.out_channels, cfg.num_classes + 1)
-    nn.init.normal_(predictor.cls_score.weight, std=0.01)
-    nn.init.normal_(predictor.bbox_pred.weight, std=0.001)
-    nn.init.zeros_(predictor.cls_score.bias)
-    nn.init.zeros_(predictor.bbox_pred.bias)
+    predictor = init_box_predictor(FastRCNNPredictor(head.out_channels, cfg.num_classes + 1))
     roi_heads = C4RoIHeads(
         RoIAlignC4(cfg.pooler_resolution), head, predictor,
         cfg.roi_fg_iou, cfg.roi_bg_iou, cfg.rois_per_image, cfg.roi_positive_fraction,
@@ -319,25 +153,8 @@ def backbone_keys(state_dict: Mapping[str, Tensor]) -> dict[str, str]:
     return out
 
 
-def check_loaded(model: nn.Module, ckpt: LoadedCheckpoint) -> dict[str, Any]:
-    """Verify that every tensor of the checkpoint sits, unchanged, in `model` (before training).
-
-    Returns the record the ledger keeps: how many checkpoint tensors were used, of how many, and
-    which backbone tensors the checkpoint lacked (random init; only with `allow_partial`).
-    """
-    state = model.state_dict()
-    mapping = backbone_keys(ckpt.state_dict)
-    absent = sorted(m for m in mapping.values() if m not in state)
-    if absent:
-        raise ValueError(f"the C4 model has no place for checkpoint tensors: {', '.join(absent[:5])}")
-    differ = sorted(k for k, m in mapping.items() if not torch.equal(state[m].cpu(), ckpt.state_dict[k].cpu()))
-    if differ:
-        raise ValueError(f"checkpoint tensors not loaded into the C4 model: {', '.join(differ[:5])}")
-    return {"used": len(mapping), "of": len(ckpt.state_dict), "missing": list(ckpt.missing_keys)}
-
-
 def c4_from_checkpoint(ckpt: LoadedCheckpoint, cfg: C4Config = C4Config()) -> tuple[GeneralizedRCNN, dict[str, Any]]:
     """The C4 model on a fresh trainable copy of the checkpoint's backbone, and `check_loaded`'s record."""
     model = build_c4(backbone_from_checkpoint(ckpt), cfg)
-    return model, check_loaded(model, ckpt)
+    return model, check_loaded(model, ckpt, backbone_keys(ckpt.state_dict))
 

@@ -1,0 +1,147 @@
+"""Mask R-CNN R50-FPN training speed (PROTOCOLS.md §7) with a per-part breakdown, and the loader's speed.
+
+Training: full steps (backbone + FPN, RPN, box and mask heads, L1/CE/BCE losses, backward, SGD) on
+random images of the protocol's typical size (shorter side 800, 4:3: 800x1067 padded to 800x1088)
+with 7 instances each (COCO train2017 averages 7.3) and box-local mask crops, at the per-GPU batch
+(2). The first step is a warm-up and not timed. Each step is split by forward hooks (synchronised
+on CUDA) into backbone+FPN, RPN, RoI heads (box + mask, losses included) and the rest (backward and
+the optimizer step). Loader: `CocoTrainSet` items per second in one process on a 640x480 JPEG with 7
+polygon instances (decode, resize to 640..800, flip, rasterise the masks in their boxes).
+
+Published: detectron2 Mask R-CNN R50-FPN 1x 0.261 s/iter at 16 images on 8 V100 (2 per GPU);
+torchvision's reference recipe 0.2728 s/iter (8 V100, 2 per GPU).
+
+    python perf/det_fpn.py [--steps 3] [--batch-size 2] [--size 800] [--precision fp32|bf16] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from densecl_bench.checkpoint import load_checkpoint
+from densecl_bench.data.coco import CocoImage
+from densecl_bench.detection.coco_data import CocoTrainSet
+from densecl_bench.detection.fpn import FPNConfig, mask_rcnn_from_checkpoint
+from densecl_bench.engine import precision as precision_mod
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def targets(n: int, h: int, w: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """n random boxes with elliptic box-local masks (a one-pixel margin, as `coco_data` writes them)."""
+    xy = torch.rand(n, 2, generator=gen) * torch.tensor([w * 0.7, h * 0.7])
+    wh = 16 + torch.rand(n, 2, generator=gen) * torch.tensor([w * 0.3, h * 0.3])
+    boxes = torch.cat([xy, xy + wh], 1)
+    origins = boxes[:, :2].floor() - 1
+    size = (boxes[:, 2:].ceil() + 1 - origins).long()
+    hm, wm = int(size[:, 1].max()), int(size[:, 0].max())
+    yy, xx = torch.meshgrid(torch.arange(hm), torch.arange(wm), indexing="ij")
+    masks = torch.stack([(((xx - s[0] / 2) / (s[0] / 2)) ** 2 + ((yy - s[1] / 2) / (s[1] / 2)) ** 2 <= 0.8)
+                         .to(torch.uint8) for s in size.tolist()])
+    return {"boxes": boxes, "labels": torch.randint(1, 81, (n,), generator=gen), "masks": masks,
+            "mask_origins": origins}
+
+
+def loader_speed(n: int) -> float:
+    """CocoTrainSet items per second in this process (one worker's share)."""
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "img.jpg"
+        Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(path, quality=90)
+        polys, boxes = [], []
+        for _ in range(7):
+            c = rng.uniform(60, 420, 2)
+            angles = np.sort(rng.uniform(0, 2 * np.pi, 16))
+            pts = c + np.stack([np.cos(angles), np.sin(angles)], 1) * rng.uniform(20, 60, (16, 1))
+            polys.append([pts.ravel().tolist()])
+            boxes.append([*pts.min(0), *(pts.max(0) - pts.min(0))])
+        image = CocoImage(1, path, 640, 480, np.array(boxes, np.float32), np.zeros(7, np.int64),
+                          np.zeros(7, np.int64), polys, np.zeros(7, bool), np.full(7, 1000.0, np.float32))
+        data = CocoTrainSet([image] * n)
+        start = time.perf_counter()
+        for i in range(n):
+            data[i]
+        return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--size", type=int, default=800, help="shorter side; the longer is 4/3 of it")
+    parser.add_argument("--precision", default="fp32", choices=precision_mod.PRECISIONS)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--loader-items", type=int, default=20)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model, _ = mask_rcnn_from_checkpoint(load_checkpoint("random"), FPNConfig())
+    model.to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    h, w = args.size, args.size * 4 // 3
+    images = [torch.rand(3, h, w, generator=gen).mul(255).to(device) for _ in range(args.batch_size)]
+    batch_targets = [{k: v.to(device) for k, v in targets(7, h, w, gen).items()} for _ in range(args.batch_size)]
+
+    parts: dict[str, float] = defaultdict(float)
+    starts: dict[str, float] = {}
+
+    def timer(name: str) -> tuple:
+        def begin(module: torch.nn.Module, args: tuple) -> None:
+            sync(device)
+            starts[name] = time.perf_counter()
+
+        def end(module: torch.nn.Module, args: tuple, out: object) -> None:
+            sync(device)
+            parts[name] += time.perf_counter() - starts[name]
+
+        return begin, end
+
+    for name in ("backbone", "rpn", "roi_heads"):
+        begin, end = timer(name)
+        getattr(model, name).register_forward_pre_hook(begin)
+        getattr(model, name).register_forward_hook(end)
+
+    def step() -> None:
+        with precision_mod.autocast(args.precision, device):
+            loss = sum(model(images, batch_targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()
+    parts.clear()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    total = (time.perf_counter() - start) / args.steps
+    per = {k: v / args.steps for k, v in parts.items()}
+    per["backward + SGD"] = total - sum(per.values())
+    mem = (f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda"
+           else f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {where}; torch {torch.__version__}; {args.precision}")
+    print(f"train: batch {args.batch_size} x {h}x{w}: {total:.3f} s/step, {args.batch_size / total:.2f} img/s, {mem}")
+    print("  " + ", ".join(f"{k} {v:.3f} s ({100 * v / total:.0f}%)" for k, v in per.items()))
+    print(f"loader: {loader_speed(args.loader_items):.1f} items/s per worker process (640x480 JPEG, 7 instances)")
+    print("published: detectron2 0.261 s/iter, torchvision 0.2728 s/iter (16 images on 8 V100: 2 per GPU)")
+
+
+if __name__ == "__main__":
+    main()
