@@ -136,6 +136,15 @@ def extract(ckpt: str, dataset: str, split: str, layers: str, data_root: Path | 
 
 
 # ---------------------------------------------------------------- benchmarks
+def _gpus_per_stage(_ctx: click.Context, _param: click.Parameter, value: str) -> int | None:
+    """`auto` (None: each benchmark's own GPUs) or a positive count."""
+    if value == "auto":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"expected `auto` or a positive integer, got {value!r}")
+    return int(value)
+
+
 @main.command()
 @click.argument("benchmarks", nargs=-1, required=True)
 @click.option("--ckpt", required=True, help="Checkpoint file, or `random` for a random init seeded by --seed.")
@@ -159,9 +168,19 @@ def extract(ckpt: str, dataset: str, split: str, layers: str, data_root: Path | 
 @click.option("--precision", type=PRECISION, default=None,
               help="Arithmetic of every stage in place of the configs' (fp32, as published): bf16 autocast "
                    "is fingerprinted, recorded and its rows marked.")
+@click.option("--launcher", type=click.Choice(["local", "slurm", "submitit-local"]), default="local", show_default=True,
+              help="local: every stage in this process (torchrun for several GPUs). slurm: one SLURM job per stage "
+                   "through submitit. submitit-local: one submitit job per stage on this machine.")
+@click.option("--gpus-per-stage", default="auto", show_default=True, callback=_gpus_per_stage,
+              help="GPUs of each stage's job: auto (the protocol's: 8 linear and detection, 4 FCN, 1 SVM/kNN) or N.")
+@click.option("--partition", default=None, help="SLURM partition of the stage jobs.")
+@click.option("--timeout-min", type=click.IntRange(min=1), default=24 * 60, show_default=True,
+              help="Time limit of each stage job; a stage that reaches it is requeued and resumes.")
+@click.option("--no-wait", is_flag=True, help="Submit the stage jobs and return (follow them with `status`).")
 def run(benchmarks: tuple[str, ...], ckpt: str, data_root: Path | None, runs_dir: Path, run_id: str | None,
         label: str | None, profiles: str, trials: int, seed: int, arch: str | None, allow_partial: bool,
-        device: str | None, workers: int, skip_bad_images: bool, precision: str | None) -> None:
+        device: str | None, workers: int, skip_bad_images: bool, precision: str | None, launcher: str,
+        gpus_per_stage: int | None, partition: str | None, timeout_min: int, no_wait: bool) -> None:
     """Run benchmarks (`all`, or names such as voc07_svm knn) and print the model-zoo tables.
 
     Exits 1 when a stage failed, a benchmark named here was skipped, or nothing ran.
@@ -171,12 +190,22 @@ def run(benchmarks: tuple[str, ...], ckpt: str, data_root: Path | None, runs_dir
     from densecl_bench.runner import run_suite
     from densecl_bench.tables import render_run_dir
 
+    kwargs = dict(data_root=data_root, runs_dir=runs_dir, run_id=run_id, label=label,
+                  profiles=[p.strip() for p in profiles.split(",") if p.strip()], trials=trials, seed=seed, arch=arch,
+                  allow_partial=allow_partial, device=device, num_workers=workers,
+                  on_bad_image="skip" if skip_bad_images else "raise", precision=precision, echo=click.echo)
     try:
-        result = run_suite(list(benchmarks), ckpt, data_root=data_root, runs_dir=runs_dir, run_id=run_id,
-                           label=label, profiles=[p.strip() for p in profiles.split(",") if p.strip()],
-                           trials=trials, seed=seed, arch=arch, allow_partial=allow_partial, device=device,
-                           num_workers=workers, on_bad_image="skip" if skip_bad_images else "raise",
-                           precision=precision, echo=click.echo)
+        if launcher == "local":
+            result = run_suite(list(benchmarks), ckpt, **kwargs)
+        else:
+            from densecl_bench.launch import JobOptions, submit_suite
+
+            options = JobOptions(cluster=launcher, gpus_per_stage=gpus_per_stage, partition=partition,
+                                 timeout_min=timeout_min, wait=not no_wait)
+            result = submit_suite(list(benchmarks), ckpt, options, **kwargs)
+            if no_wait:
+                click.echo(f"\nrun: {result.run_dir}\nfollow it with: densecl-bench status {result.run_dir}")
+                return
     except TrainingInterrupted as err:  # the same command resumes the stage and skips the finished ones
         click.echo(str(err), err=True)
         sys.exit(err.exit_code)
@@ -187,6 +216,27 @@ def run(benchmarks: tuple[str, ...], ckpt: str, data_root: Path | None, runs_dir
         for problem in problems:
             click.echo(f"error: {problem}", err=True)
     sys.exit(1 if problems else 0)
+
+
+@main.command()
+@click.argument("run_dir", type=PathArg)
+@click.option("--follow", "every", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
+              help="Print the view again every SECONDS until every stage has ended.")
+def status(run_dir: Path, every: float | None) -> None:
+    """Each stage of a run: queued / running (progress, ETA) / done / failed / lost, with its job id."""
+    import time
+
+    from densecl_bench.status import format_views, stage_views
+
+    if not (run_dir / "run.json").exists():
+        _fail(FileNotFoundError(f"{run_dir}: no run.json (expected a run directory such as runs/<run-id>)"))
+    while True:
+        views = stage_views(run_dir)
+        click.echo("\n".join(format_views(views)) or "no stage has started yet")
+        if every is None or not any(v.active for v in views):
+            return
+        time.sleep(every)
+        click.echo()
 
 
 @main.command("list")
