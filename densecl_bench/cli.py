@@ -239,6 +239,38 @@ def status(run_dir: Path, every: float | None) -> None:
         click.echo()
 
 
+@main.command()
+@click.argument("work_dir", type=PathArg)
+@click.option("--bench", "benchmarks", default="knn,voc07_svm", show_default=True,
+              help="Benchmarks to run on each checkpoint, comma-separated.")
+@click.option("--every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Benchmark epochs divisible by this (and the final one).")
+@click.option("--final-epoch", type=click.IntRange(min=1), default=None,
+              help="Stop after this epoch (default: the schedule length recorded in our checkpoints).")
+@click.option("--runs-dir", type=PathArg, default=Path("runs"), show_default=True)
+@click.option("--run-id", default=None, help="The watch dir under --runs-dir (default: watch-<work dir name>).")
+@click.option("--poll", type=click.FloatRange(min=0.1), default=60, show_default=True, help="Seconds between looks.")
+@click.option("--stop-file", type=PathArg, default=None, help="Sentinel that ends the watch (default: WORK_DIR/watch.stop).")
+@click.option("--once", is_flag=True, help="Benchmark what is there now, then exit.")
+@click.option("--data-root", type=PathArg, default=None, help="Default: the embedded demo datasets.")
+@click.option("--profile", "profiles", default="", help="Config profiles, comma-separated (as for `run`).")
+@click.option("--arch", default=None)
+@click.option("--device", default=None)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+def watch(work_dir: Path, benchmarks: str, every: int, final_epoch: int | None, runs_dir: Path, run_id: str | None,
+          poll: float, stop_file: Path | None, once: bool, data_root: Path | None, profiles: str, arch: str | None,
+          device: str | None, workers: int) -> None:
+    """Benchmark each new epoch_N.pth of a pretraining work dir as it appears (restartable)."""
+    from densecl_bench.watch import watch as run_watch
+
+    result = run_watch(work_dir, [b.strip() for b in benchmarks.split(",") if b.strip()], every=every,
+                       runs_dir=runs_dir, run_id=run_id, final_epoch=final_epoch, stop_file=stop_file, poll_s=poll,
+                       once=once, echo=click.echo, data_root=data_root,
+                       profiles=[p.strip() for p in profiles.split(",") if p.strip()], arch=arch, device=device,
+                       num_workers=workers)
+    click.echo(f"watch: {result.watch_dir} ({len(result.benchmarked)} checkpoint(s) benchmarked)")
+
+
 @main.command("list")
 @click.option("--data-root", type=PathArg, default=None, help="Default: the embedded demo datasets.")
 def list_benchmarks(data_root: Path | None) -> None:

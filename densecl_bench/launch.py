@@ -131,11 +131,12 @@ def submit_suite(
     if not options.wait:
         return result
     shown: list[str] = []
+    start = time.monotonic()
     while not all(job.done() for job in jobs.values()):
         if (lines := format_views(stage_views(run_dir))) != shown:
             echo("\n".join(lines))
             shown = lines
-        time.sleep(poll_s)
+        time.sleep(min(poll_s, 0.5 + (time.monotonic() - start) / 10))  # short stages end soon after
     for name, job in jobs.items():
         try:
             result.stages += job.result()

@@ -212,6 +212,7 @@ class _Suite:
     on_bad_image: str
     precision: str | None
     echo: Callable[[str], None]
+    extra_provenance: dict[str, Any] = field(default_factory=dict)
 
     def context(self, bench: Benchmark, configs: dict[str, dict[str, Any]], trial: int) -> RunContext:
         return RunContext(
@@ -232,7 +233,7 @@ class _Suite:
             allow_partial=self.allow_partial, missing_tensors=len(loaded.missing_keys),
             on_bad_image=self.on_bad_image,
             skipped_images={name: len(rows) for name, rows in ctx.skipped_images.items()},
-            precision=precision, batch_mismatch=batch,
+            precision=precision, batch_mismatch=batch, **self.extra_provenance,
         )
 
 
@@ -371,6 +372,7 @@ def run_suite(
     num_workers: int = 2,
     on_bad_image: str = "raise",
     precision: str | None = None,
+    extra_provenance: dict[str, Any] | None = None,
     echo: Callable[[str], None] = print,
 ) -> SuiteResult:
     """Run the named benchmarks (`all` for every registered one) and write ledger and tables.
@@ -378,6 +380,7 @@ def run_suite(
     profiles: applied in order to every config that offers them (`demo` comes first on demo data).
     seed: the first trial's seed (trial t uses seed + t) and the weights of `ckpt="random"`.
     precision: `fp32` or `bf16` for every stage in place of each config's `precision` (None: the configs').
+    extra_provenance: facts every record carries besides the run's (`watch` adds the pretraining epoch).
     Each stage's state (running, done, failed...) goes to the run's `stages.json` for `status`.
     """
     if trials < 1 or num_workers < 0:
@@ -394,7 +397,8 @@ def run_suite(
                          echo=echo)
         backbone = freeze(build_backbone(setup.loaded)).to(device_)
         suite = _Suite(str(ckpt), setup.loaded, backbone, device_, setup.data_root, setup.demo, setup.ledger,
-                       setup.label, setup.profiles, seed, allow_partial, num_workers, on_bad_image, precision, echo)
+                       setup.label, setup.profiles, seed, allow_partial, num_workers, on_bad_image, precision, echo,
+                       dict(extra_provenance or {}))
         run_dir = setup.run_dir
         result = SuiteResult(run_dir, named=() if "all" in names else tuple(b.name for b in benchmarks))
         track = StageStates(run_dir).track if dist.is_main() else (lambda _name, run: run())

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from densecl_bench.paths import atomic_write_json
+from densecl_bench.paths import atomic_write_text
 from densecl_bench.results import Ledger
 
 STAGES_FILE = "stages.json"
@@ -49,7 +49,7 @@ class StageStates:
         with Ledger(self.run_dir).lock():
             states = self.read()
             states.setdefault(name, {}).update(fields)
-            atomic_write_json(self.path, states)
+            atomic_write_text(self.path, json.dumps(states, indent=2) + "\n")  # in run order, not sorted
 
     def track(self, name: str, run: Callable[[], Sequence[Outcome]]) -> Sequence[Outcome]:
         """`run()` with stage `name` marked running, then done / failed / skipped by its outcomes, or
