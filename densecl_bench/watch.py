@@ -9,7 +9,8 @@ says what is watched; `report` on the watch dir plots each metric against the ep
 Restarts are free: an epoch whose run already holds every requested benchmark is never loaded
 again, and a half-benchmarked one resumes through the runner's ledger. A file is taken once its size
 and modification time held still over one poll (mmcv writes snapshots in place, not atomically).
-The watch stops when the sentinel file appears or once the final epoch is benchmarked: `final_epoch`,
+The watch stops when the sentinel file appears (after benchmarking what is there) or once the final
+epoch is benchmarked: `final_epoch`,
 else the schedule length our pretraining records in each checkpoint (`meta.config.epochs`).
 """
 
@@ -107,11 +108,12 @@ def watch(
     handled: set[int] = set()  # epochs decided in this process (a failed stage is retried on restart only)
     final = final_epoch
     while True:
+        stopping = stop_file.exists()  # the trainer is done writing: every file there is complete
         for epoch, path in snapshots(work_dir).items():
             if epoch in handled:
                 continue
             stat = path.stat()
-            settled = once or seen.get(path) == (stat.st_size, stat.st_mtime)
+            settled = once or stopping or seen.get(path) == (stat.st_size, stat.st_mtime)
             seen[path] = (stat.st_size, stat.st_mtime)
             if not settled:
                 continue
@@ -131,7 +133,7 @@ def watch(
             result.benchmarked.append(epoch)
         if final is not None and final in handled:
             result.stopped_by = f"final epoch {final}"
-        elif stop_file.exists():
+        elif stopping:
             result.stopped_by = f"sentinel {stop_file}"
         elif once:
             result.stopped_by = "one pass"
