@@ -308,6 +308,18 @@ def table(runs: tuple[Path, ...], output: Path | None, skip_empty: bool) -> None
 
 
 @main.command()
+@click.argument("runs", nargs=-1, type=PathArg, required=True)
+@click.option("-o", "--output", type=PathArg, default=Path("report.html"), show_default=True)
+@click.option("--reference", type=PathArg, default=None,
+              help="Reference numbers (JSON, model-zoo layout): first row, base of the deltas, dashed in the plots.")
+def report(runs: tuple[Path, ...], output: Path, reference: Path | None) -> None:
+    """One self-contained HTML page: the model-zoo tables and plots of runs (or watch dirs), side by side."""
+    from densecl_bench.report import write_report
+
+    click.echo(f"wrote {write_report(runs, output, reference)}")
+
+
+@main.command()
 @click.argument("run_dir", type=PathArg)
 @click.option("--reference", type=PathArg, required=True, help="Reference numbers (JSON, model-zoo layout).")
 @click.option("--tolerances", type=PathArg, default=None, help="YAML of per-metric tolerances.")
