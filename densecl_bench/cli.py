@@ -250,7 +250,8 @@ def status(run_dir: Path, every: float | None) -> None:
 @click.option("--runs-dir", type=PathArg, default=Path("runs"), show_default=True)
 @click.option("--run-id", default=None, help="The watch dir under --runs-dir (default: watch-<work dir name>).")
 @click.option("--poll", type=click.FloatRange(min=0.1), default=60, show_default=True, help="Seconds between looks.")
-@click.option("--stop-file", type=PathArg, default=None, help="Sentinel that ends the watch (default: WORK_DIR/watch.stop).")
+@click.option("--stop-file", type=PathArg, default=None,
+              help="Sentinel that ends the watch (default: WORK_DIR/watch.stop).")
 @click.option("--once", is_flag=True, help="Benchmark what is there now, then exit.")
 @click.option("--data-root", type=PathArg, default=None, help="Default: the embedded demo datasets.")
 @click.option("--profile", "profiles", default="", help="Config profiles, comma-separated (as for `run`).")

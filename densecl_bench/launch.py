@@ -8,9 +8,11 @@ job per stage not yet in the ledger, asking for the GPUs the stage's protocol as
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, from submitit's `TorchDistributedEnvironment`) and runs
 the ordinary one-stage suite, which records into the shared ledger under its file lock.
 
-Preemption and time limits: submitit turns SLURM's warning signal into a call of the job's
-`checkpoint()`, which resubmits the same stage; the requeued job skips trials already in the
-ledger and the engine resumes training from the stage's last checkpoint under its run directory.
+Preemption and time limits: submitit turns SLURM's warning signal (USR2, sent before the time limit
+and on preemption) into a call of the job's `checkpoint()`, which requeues the same stage; where
+SLURM itself requeues a preempted job after SIGTERM, the engine has saved the training state on
+that signal. Either way the requeued job skips trials already in the ledger and the engine resumes
+training from the stage's last checkpoint under its run directory.
 """
 
 from __future__ import annotations

@@ -234,7 +234,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def plot_training(metrics_file: Path) -> str | None:
     """Loss terms, LR and the evaluation metrics of one training loop against the iteration."""
     records = [r for r in _read_jsonl(metrics_file) if "iter" in r]
-    steps = [r for r in records if "lr" in r and "loss" in r]
+    # one point per iteration: the periodic record, not the epoch summary written at the same iteration
+    steps = list({r["iter"]: r for r in reversed(records) if "lr" in r and "loss" in r}.values())[::-1]
     evals = [(r["iter"], {k: v for k, v in (r.get("eval") or {}).items() if isinstance(v, (int, float))})
              for r in records if isinstance(r.get("eval"), dict)]
     evals = [(i, e) for i, e in evals if e]
@@ -332,8 +333,9 @@ def markdown_tables_html(markdown: str) -> str:
             delta = row[0].startswith("Δ ")
             parts.append('<tr class="delta">' if delta else "<tr>")
             for i, cell in enumerate(row):
-                cls = "up" if delta and i and cell.startswith("+") else "down" if delta and i and cell.startswith("-") else ""
-                parts.append(f'<td class="{cls}">{_esc(cell)}</td>' if cls else f"<td>{_esc(cell)}</td>")
+                sign = cell[:1] if delta and i else ""
+                cls = {"+": ' class="up"', "-": ' class="down"'}.get(sign, "")
+                parts.append(f"<td{cls}>{_esc(cell)}</td>")
             parts.append("</tr>")
         out.append("".join(parts) + "</tbody></table>")
         rows.clear()
@@ -410,7 +412,8 @@ def render_report(paths: Sequence[str | os.PathLike[str]], reference: str | os.P
         body.append('<div class="plots">')
         for fig in figs:
             caption = f'<p class="note">{_esc(fig.caption)}</p>' if fig.caption else ""
-            body.append(f'<figure class="plot{" wide" if fig.wide else ""}" id="{_esc(fig.id)}"><figcaption>{_esc(fig.title)}</figcaption>'
+            kind = "plot wide" if fig.wide else "plot"
+            body.append(f'<figure class="{kind}" id="{_esc(fig.id)}"><figcaption>{_esc(fig.title)}</figcaption>'
                         f"{fig.svg}{caption}</figure>")
         body.append("</div>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -37,7 +37,8 @@ def _suite_metrics(shift: float) -> list[Metric]:
     ap = [round(40 + i + shift, 2) for i in range(len(VOC_CLASSES))]
     out += [Metric("voc07_svm", f"feature{i}", 20 + 10 * i + shift, {"per_class_ap": ap if i == 5 else []})
             for i in range(1, 6)]
-    out += [Metric("voc07_svm", "svm", 70 + shift, {"layer": "feature5"}), Metric("voc07_svm", "best_layer", "feature5")]
+    out += [Metric("voc07_svm", "svm", 70 + shift, {"layer": "feature5"}),
+            Metric("voc07_svm", "best_layer", "feature5")]
     out += [Metric(bench, f"feature{i}", 10 * i + shift) for bench in ("imagenet_linear", "places205_linear")
             for i in range(1, 6)]
     out += [Metric("imagenet_linear", "avgpool", 55 + shift)]
@@ -84,7 +85,8 @@ class _Page(HTMLParser):
             self._figure = attrs["id"]
             self.figures[self._figure] = {"svg": None, "drawn": 0, "text": []}
         elif self._figure and tag == "svg":
-            self.figures[self._figure]["svg"] = (float(attrs["width"].rstrip("pt")), float(attrs["height"].rstrip("pt")))
+            size = (float(attrs["width"].rstrip("pt")), float(attrs["height"].rstrip("pt")))
+            self.figures[self._figure]["svg"] = size
         elif self._figure and tag in ("path", "use", "rect", "line", "polyline"):
             self.figures[self._figure]["drawn"] += 1
 
@@ -142,7 +144,8 @@ def test_tables_and_deltas_against_the_reference(page):
 
 
 def test_markdown_tables_become_html_tables():
-    html = markdown_tables_html("### T\n\nline one\nline two\n\n| A | x |\n|---|---|\n| r | 1.0 |\n| Δ r vs s | +0.5 |\n")
+    markdown = "### T\n\nline one\nline two\n\n| A | x |\n|---|---|\n| r | 1.0 |\n| Δ r vs s | +0.5 |\n"
+    html = markdown_tables_html(markdown)
     assert html.splitlines() == [
         "<h3>T</h3>", '<p class="note">line one line two</p>',
         "<table><thead><tr><th>A</th><th>x</th></tr></thead><tbody><tr><td>r</td><td>1.0</td></tr>"
@@ -157,8 +160,8 @@ def test_cli_report_writes_the_page_and_refuses_a_non_run(runs, tmp_path):
     assert bad.exit_code == 2 and bad.output.startswith("error:") and "no ledger.jsonl" in bad.output
 
 
-CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "chrome-headless-shell"))
-                 if p), None)
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome-headless-shell")
+CHROMIUM = next((p for p in map(shutil.which, BROWSERS) if p), None)
 VISIBILITY = """<script>
 const out = {};
 for (const fig of document.querySelectorAll("figure.plot")) {

@@ -21,6 +21,7 @@ from densecl_bench.engine.precise_bn import update_bn_stats
 from densecl_bench.engine.schedule import LRScheduler
 from densecl_bench.engine.trainer import HookBase
 from densecl_bench.paths import atomic_write_text
+from densecl_bench.progress import bar as progress_bar
 
 
 class LRSchedulerHook(HookBase):
@@ -173,9 +174,8 @@ class MetricLogger(HookBase):
         if t.inner_iter == 0:
             self._sums, self._count = {}, 0
         total = min(t.iters_per_epoch, t.end_iter - t.epoch * t.iters_per_epoch)
-        hidden = True if not dist.is_main() else None if self.progress is None else not self.progress
-        self._bar = tqdm(total=total, initial=t.inner_iter, desc=f"{t.name} {t.epoch + 1}/{t.max_epochs}",
-                         leave=False, disable=hidden, dynamic_ncols=True)
+        self._bar = progress_bar(total=total, initial=t.inner_iter, desc=f"{t.name} {t.epoch + 1}/{t.max_epochs}",
+                                 leave=False, progress=self.progress)
         self._tick = time.perf_counter()
 
     def after_step(self) -> None:
