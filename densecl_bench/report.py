@@ -244,14 +244,16 @@ def plot_training(metrics_file: Path) -> str | None:
     plt = _matplotlib()
     fig, axes = plt.subplots(1, 3 if evals else 2, figsize=(9.6 if evals else 6.8, 2.8), squeeze=False)
     ax_loss, ax_lr = axes[0][0], axes[0][1]
+    marker = "o" if len(steps) <= 30 else None  # a few logged points (short runs): show where they are
     loss_keys = [k for k in steps[-1] if k.startswith("loss") or k.endswith("loss")]
     for key in loss_keys:
         pts = [(r["iter"], r[key]) for r in steps if isinstance(r.get(key), (int, float))]
-        ax_loss.plot([p[0] for p in pts], [p[1] for p in pts], label=key, linewidth=1)
+        ax_loss.plot([p[0] for p in pts], [p[1] for p in pts], label=key, linewidth=1, marker=marker, markersize=3)
     ax_loss.set(title="loss", xlabel="iteration")
     if len(loss_keys) > 1:
         ax_loss.legend()
-    ax_lr.plot([r["iter"] for r in steps], [r["lr"] for r in steps], color="C2", linewidth=1)
+    ax_lr.plot([r["iter"] for r in steps], [r["lr"] for r in steps], color="C2", linewidth=1, marker=marker,
+               markersize=3)
     ax_lr.set(title="learning rate", xlabel="iteration")
     if evals:
         ax_eval = axes[0][2]
