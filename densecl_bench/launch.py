@@ -17,6 +17,7 @@ training from the stage's last checkpoint under its run directory.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import submitit
 
 from densecl_bench import config, registry
 from densecl_bench.benchmarks.base import Benchmark
+from densecl_bench.errors import UserError
 from densecl_bench.runner import (
     RunSetup,
     StageOutcome,
@@ -94,6 +96,9 @@ def submit_suite(
 
     suite_kwargs: `run_suite`'s keywords (data_root, runs_dir, run_id, profiles, seed, ...).
     """
+    if options.cluster == "slurm" and shutil.which("sbatch") is None:
+        raise UserError("--launcher slurm: no `sbatch` here (submit from a SLURM login node; "
+                        "--launcher submitit-local runs the same jobs on this machine)")
     benchmarks = registry.resolve(names)
     open_keys = ("data_root", "runs_dir", "run_id", "label", "profiles", "seed", "arch", "allow_partial", "precision")
     setup = open_run(ckpt, echo=echo, **{k: v for k, v in suite_kwargs.items() if k in open_keys})

@@ -167,3 +167,11 @@ def test_cli_submitit_local_runs_knn_as_a_process_and_matches_local(tmp_path, mo
     assert (tmp_path / "runs" / "jobs" / "jobs" / f"{state['job_id']}_0_log.out").exists()
     assert _values(tmp_path / "runs" / "jobs") == _values(tmp_path / "runs" / "local")
     assert "| random-init-resnet18 |" in jobs.output
+
+
+def test_slurm_without_sbatch_is_one_error_line(tmp_path, monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    out = CliRunner().invoke(main, ["run", "knn", "--ckpt", "random", "--launcher", "slurm",
+                                    "--runs-dir", str(tmp_path)])
+    assert out.exit_code == 2 and out.output.startswith("error: --launcher slurm: no `sbatch` here")
+    assert list(tmp_path.iterdir()) == []  # no run directory opened
