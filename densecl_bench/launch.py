@@ -53,7 +53,6 @@ class JobOptions:
     partition: str | None = None
     timeout_min: int = 24 * 60
     cpus_per_task: int = 8
-    mem_gb_per_gpu: int | None = None
     wait: bool = True
 
 
@@ -127,13 +126,13 @@ def submit_suite(
                                   "cpus_per_task": options.cpus_per_task}
         if options.partition:
             params["slurm_partition"] = options.partition
-        if options.mem_gb_per_gpu:
-            params["mem_gb"] = options.mem_gb_per_gpu * gpus
         executor.update_parameters(**params)
+        # queued before the submission: a job that starts at once marks itself running after this
+        states.update(bench.name, state="queued", job_id=None, gpus=gpus, cluster=options.cluster,
+                      folder=str(folder), submitted=time.time(), started=None, ended=None, detail="")
         job = executor.submit(StageJob(bench.name, ckpt, job_kwargs))
         jobs[bench.name] = job
-        states.update(bench.name, state="queued", job_id=str(job.job_id), gpus=gpus, cluster=options.cluster,
-                      folder=str(folder), submitted=time.time(), started=None, ended=None, detail="")
+        states.update(bench.name, job_id=str(job.job_id))
         echo(f"[{bench.name}] submitted job {job.job_id} ({gpus} GPU{'s' * (gpus > 1)})")
     if not options.wait:
         return result

@@ -16,12 +16,17 @@ from densecl_bench.results import Ledger
 from densecl_bench.watch import STOP_FILE, watch, watched_epochs
 
 
+def _weights(epoch: int) -> dict[str, torch.Tensor]:
+    """A small ResNet's tensors, drawn from the epoch's own generator: the global RNG is shared with the
+    watching thread, which builds networks meanwhile."""
+    gen = torch.Generator().manual_seed(epoch)
+    return {k: torch.rand(v.shape, generator=gen) if v.is_floating_point() else v
+            for k, v in torchvision.models.resnet18().state_dict().items()}
+
+
 def _write_snapshot(work_dir, epoch: int, epochs: int) -> None:
-    """An epoch snapshot as our pretraining writes it (atomically; meta with the schedule length), holding
-    a small random ResNet's weights."""
-    torch.manual_seed(epoch)
-    state = {"meta": {"epoch": epoch, "config": {"epochs": epochs}},
-             "state_dict": torchvision.models.resnet18().state_dict()}
+    """An epoch snapshot as our pretraining writes it (atomically; meta with the schedule length)."""
+    state = {"meta": {"epoch": epoch, "config": {"epochs": epochs}}, "state_dict": _weights(epoch)}
     tmp = work_dir / f".epoch_{epoch}.tmp"
     torch.save(state, tmp)
     tmp.replace(work_dir / f"epoch_{epoch}.pth")
@@ -64,8 +69,7 @@ def test_each_checkpoint_that_appears_is_benchmarked_once(tmp_path, knn_calls):
     for epoch, run_dir in runs.items():
         records = Ledger(run_dir).records()
         assert [(r["metric"], r["provenance"]["epoch"]) for r in records] == [("k=20", epoch)]
-        torch.manual_seed(epoch)
-        assert records[0]["value"] == pytest.approx(float(torchvision.models.resnet18().conv1.weight.detach().sum()))
+        assert records[0]["value"] == pytest.approx(float(_weights(epoch)["conv1.weight"].sum()))
 
     # a restart: nothing is benchmarked again
     knn_calls.clear()
