@@ -151,6 +151,15 @@ def extract(ckpt: str, dataset: str, split: str, layers: str, data_root: Path | 
 
 
 # ---------------------------------------------------------------- benchmarks
+def _gpus_per_stage(_ctx: click.Context, _param: click.Parameter, value: str) -> int | None:
+    """`auto` (None: each benchmark's own GPUs) or a positive count."""
+    if value == "auto":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"expected `auto` or a positive integer, got {value!r}")
+    return int(value)
+
+
 @main.command()
 @click.argument("benchmarks", nargs=-1, required=True)
 @click.option("--ckpt", required=True,
@@ -175,9 +184,19 @@ def extract(ckpt: str, dataset: str, split: str, layers: str, data_root: Path | 
 @click.option("--precision", type=PRECISION, default=None,
               help="Arithmetic of every stage in place of the configs' (fp32, as published): bf16 autocast "
                    "is fingerprinted, recorded and its rows marked.")
+@click.option("--launcher", type=click.Choice(["local", "slurm", "submitit-local"]), default="local", show_default=True,
+              help="local: every stage in this process (torchrun for several GPUs). slurm: one SLURM job per stage "
+                   "through submitit. submitit-local: one submitit job per stage on this machine.")
+@click.option("--gpus-per-stage", default="auto", show_default=True, callback=_gpus_per_stage,
+              help="GPUs of each stage's job: auto (the protocol's: 8 linear and detection, 4 FCN, 1 SVM/kNN) or N.")
+@click.option("--partition", default=None, help="SLURM partition of the stage jobs.")
+@click.option("--timeout-min", type=click.IntRange(min=1), default=24 * 60, show_default=True,
+              help="Time limit of each stage job; a stage that reaches it is requeued and resumes.")
+@click.option("--no-wait", is_flag=True, help="Submit the stage jobs and return (follow them with `status`).")
 def run(benchmarks: tuple[str, ...], ckpt: str, data_root: Path | None, runs_dir: Path, run_id: str | None,
         label: str | None, profiles: str, trials: int, seed: int, arch: str | None, allow_partial: bool,
-        device: str | None, workers: int, skip_bad_images: bool, precision: str | None) -> None:
+        device: str | None, workers: int, skip_bad_images: bool, precision: str | None, launcher: str,
+        gpus_per_stage: int | None, partition: str | None, timeout_min: int, no_wait: bool) -> None:
     """Run benchmarks (`all`, or names such as voc07_svm knn) and print the model-zoo tables.
 
     Exits 1 when a stage failed, a benchmark named here was skipped, or nothing ran.
@@ -187,12 +206,22 @@ def run(benchmarks: tuple[str, ...], ckpt: str, data_root: Path | None, runs_dir
     from densecl_bench.runner import run_suite
     from densecl_bench.tables import render_run_dir
 
+    kwargs = dict(data_root=data_root, runs_dir=runs_dir, run_id=run_id, label=label,
+                  profiles=[p.strip() for p in profiles.split(",") if p.strip()], trials=trials, seed=seed, arch=arch,
+                  allow_partial=allow_partial, device=device, num_workers=workers,
+                  on_bad_image="skip" if skip_bad_images else "raise", precision=precision, echo=click.echo)
     try:
-        result = run_suite(list(benchmarks), ckpt, data_root=data_root, runs_dir=runs_dir, run_id=run_id,
-                           label=label, profiles=[p.strip() for p in profiles.split(",") if p.strip()],
-                           trials=trials, seed=seed, arch=arch, allow_partial=allow_partial, device=device,
-                           num_workers=workers, on_bad_image="skip" if skip_bad_images else "raise",
-                           precision=precision, echo=click.echo)
+        if launcher == "local":
+            result = run_suite(list(benchmarks), ckpt, **kwargs)
+        else:
+            from densecl_bench.launch import JobOptions, submit_suite
+
+            options = JobOptions(cluster=launcher, gpus_per_stage=gpus_per_stage, partition=partition,
+                                 timeout_min=timeout_min, wait=not no_wait)
+            result = submit_suite(list(benchmarks), ckpt, options, **kwargs)
+            if no_wait:
+                click.echo(f"\nrun: {result.run_dir}\nfollow it with: densecl-bench status {result.run_dir}")
+                return
     except TrainingInterrupted as err:  # the same command resumes the stage and skips the finished ones
         click.echo(str(err), err=True)
         sys.exit(err.exit_code)
@@ -203,6 +232,60 @@ def run(benchmarks: tuple[str, ...], ckpt: str, data_root: Path | None, runs_dir
         for problem in problems:
             click.echo(f"error: {problem}", err=True)
     sys.exit(1 if problems else 0)
+
+
+@main.command()
+@click.argument("run_dir", type=PathArg)
+@click.option("--follow", "every", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
+              help="Print the view again every SECONDS until every stage has ended.")
+def status(run_dir: Path, every: float | None) -> None:
+    """Each stage of a run: queued / running (progress, ETA) / done / failed / lost, with its job id."""
+    import time
+
+    from densecl_bench.status import format_views, stage_views
+
+    if not (run_dir / "run.json").exists():
+        _fail(FileNotFoundError(f"{run_dir}: no run.json (expected a run directory such as runs/<run-id>)"))
+    while True:
+        views = stage_views(run_dir)
+        click.echo("\n".join(format_views(views)) or "no stage has started yet")
+        if every is None or not any(v.active for v in views):
+            return
+        time.sleep(every)
+        click.echo()
+
+
+@main.command()
+@click.argument("work_dir", type=PathArg)
+@click.option("--bench", "benchmarks", default="knn,voc07_svm", show_default=True,
+              help="Benchmarks to run on each checkpoint, comma-separated.")
+@click.option("--every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Benchmark epochs divisible by this (and the final one).")
+@click.option("--final-epoch", type=click.IntRange(min=1), default=None,
+              help="Stop after this epoch (default: the schedule length recorded in our checkpoints).")
+@click.option("--runs-dir", type=PathArg, default=Path("runs"), show_default=True)
+@click.option("--run-id", default=None, help="The watch dir under --runs-dir (default: watch-<work dir name>).")
+@click.option("--poll", type=click.FloatRange(min=0.1), default=60, show_default=True, help="Seconds between looks.")
+@click.option("--stop-file", type=PathArg, default=None,
+              help="Sentinel that ends the watch (default: WORK_DIR/watch.stop).")
+@click.option("--once", is_flag=True, help="Benchmark what is there now, then exit.")
+@click.option("--data-root", type=PathArg, default=None, help="Default: the embedded demo datasets.")
+@click.option("--profile", "profiles", default="", help="Config profiles, comma-separated (as for `run`).")
+@click.option("--arch", default=None)
+@click.option("--device", default=None)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True)
+def watch(work_dir: Path, benchmarks: str, every: int, final_epoch: int | None, runs_dir: Path, run_id: str | None,
+          poll: float, stop_file: Path | None, once: bool, data_root: Path | None, profiles: str, arch: str | None,
+          device: str | None, workers: int) -> None:
+    """Benchmark each new epoch_N.pth of a pretraining work dir as it appears (restartable)."""
+    from densecl_bench.watch import watch as run_watch
+
+    result = run_watch(work_dir, [b.strip() for b in benchmarks.split(",") if b.strip()], every=every,
+                       runs_dir=runs_dir, run_id=run_id, final_epoch=final_epoch, stop_file=stop_file, poll_s=poll,
+                       once=once, echo=click.echo, data_root=data_root,
+                       profiles=[p.strip() for p in profiles.split(",") if p.strip()], arch=arch, device=device,
+                       num_workers=workers)
+    click.echo(f"watch: {result.watch_dir} ({len(result.benchmarked)} checkpoint(s) benchmarked)")
 
 
 @main.command("list")
@@ -239,6 +322,18 @@ def table(runs: tuple[Path, ...], output: Path | None, skip_empty: bool) -> None
     click.echo(text)
     if output:
         atomic_write_text(output, text)
+
+
+@main.command()
+@click.argument("runs", nargs=-1, type=PathArg, required=True)
+@click.option("-o", "--output", type=PathArg, default=Path("report.html"), show_default=True)
+@click.option("--reference", type=PathArg, default=None,
+              help="Reference numbers (JSON, model-zoo layout): first row, base of the deltas, dashed in the plots.")
+def report(runs: tuple[Path, ...], output: Path, reference: Path | None) -> None:
+    """One self-contained HTML page: the model-zoo tables and plots of runs (or watch dirs), side by side."""
+    from densecl_bench.report import write_report
+
+    click.echo(f"wrote {write_report(runs, output, reference)}")
 
 
 @main.command()

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from densecl_bench import dist
 from densecl_bench.backbone import Backbone, pool_feature
@@ -28,6 +27,7 @@ from densecl_bench.data import transforms
 from densecl_bench.data.base import ImageList, ImageListDataset, check_bad_image_policy, collate_readable
 from densecl_bench.engine import precision as precision_mod
 from densecl_bench.paths import atomic_path, atomic_write_json
+from densecl_bench.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _extract_into(
     if cuda:
         backbone = backbone.to(memory_format=torch.channels_last)
     bad: list[int] = []
-    bar = tqdm(total=len(dataset), desc=f"extract {name}", unit="img", disable=None)
+    bar = progress_bar(total=len(dataset), desc=f"extract {name}", unit="img")
     for images, index, skipped in _loader(dataset, batch_size, num_workers, device):
         bad.extend(skipped.tolist())
         bar.update(len(index) + len(skipped))

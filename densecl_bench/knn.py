@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+
+from densecl_bench.progress import bar as progress_bar
 
 
 def _as_tensor(x: np.ndarray | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -104,7 +105,8 @@ def knn_classify(
     top1 = dict.fromkeys(ks, 0)
     top5 = dict.fromkeys(ks, 0)
     n_test = len(test_labels_t)
-    for start in tqdm(range(0, n_test, query_chunk), desc="knn", unit="chunk", disable=None if progress else True):
+    chunks = range(0, n_test, query_chunk)
+    for start in progress_bar(chunks, desc="knn", unit="chunk", progress=None if progress else False):
         q = _as_tensor(test_features[start : start + query_chunk], torch.float32, device)
         if l2_normalize:
             q = F.normalize(q, dim=1)

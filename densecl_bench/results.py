@@ -6,9 +6,10 @@ protocol config and its hash (the fingerprint the runner resumes on), the checkp
 layout, library versions, git commit, device, seed and wall time. PROTOCOLS.md §9 (MMSelfSup 0.x
 kept results only in hand-written READMEs; this ledger is what the tables and the gate read).
 
-Only one process writes a ledger (rank 0): an append rewrites the file through a temporary file and
-`os.replace`, so a batch of records lands completely or not at all and earlier records are copied
-byte for byte, never re-serialised.
+One process per stage writes a ledger (rank 0): an append rewrites the file through a temporary file
+and `os.replace`, so a batch of records lands completely or not at all and earlier records are copied
+byte for byte, never re-serialised. Stages that run as concurrent jobs (`launch.py`) append to the
+same ledger, so every append holds the run's file lock (`Ledger.lock`) across its read and replace.
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 import densecl_bench
 from densecl_bench.paths import atomic_path, atomic_write_json
 
 LEDGER_FILE = "ledger.jsonl"
 PUBLISHED_PRECISION = "fp32"  # engine.precision.DEFAULT, named here without importing torch
 MANIFEST_FILE = "run.json"
+LOCK_FILE = "ledger.lock"
 
 PROVENANCE_KEYS = (
     "ckpt_sha256", "ckpt_layout", "ckpt_path", "arch", "package_version", "torch_version",
@@ -72,6 +76,13 @@ class Ledger:
     def __init__(self, run_dir: str | os.PathLike[str]) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LEDGER_FILE
+        self._lock = FileLock(self.run_dir / LOCK_FILE)
+
+    def lock(self) -> FileLock:
+        """The run's inter-process lock (re-entrant): held by every append, and by any read-modify-write of
+        a file that several jobs of one run update (the tables, the stage states)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return self._lock
 
     def append(
         self,
@@ -99,16 +110,17 @@ class Ledger:
             lines.append(json.dumps(record, default=_json_default) + "\n")
         if not lines:
             return
-        existing = self.path.read_bytes() if self.path.exists() else b""
-        complete = existing.rfind(b"\n") + 1
-        if complete < len(existing):
-            warnings.warn(f"{self.path}: dropping a torn last line ({len(existing) - complete} bytes) "
-                          "left by an interrupted write", stacklevel=2)
-        with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
-            f.write(existing[:complete])
-            f.write("".join(lines).encode())
-            f.flush()
-            os.fsync(f.fileno())
+        with self.lock():
+            existing = self.path.read_bytes() if self.path.exists() else b""
+            complete = existing.rfind(b"\n") + 1
+            if complete < len(existing):
+                warnings.warn(f"{self.path}: dropping a torn last line ({len(existing) - complete} bytes) "
+                              "left by an interrupted write", stacklevel=2)
+            with atomic_path(self.path) as tmp, open(tmp, "wb") as f:
+                f.write(existing[:complete])
+                f.write("".join(lines).encode())
+                f.flush()
+                os.fsync(f.fileno())
 
     def records(self) -> list[dict[str, Any]]:
         """All complete records in order. A last line without its newline is an interrupted write: skipped."""

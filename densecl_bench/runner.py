@@ -37,6 +37,7 @@ from densecl_bench.engine import TrainingInterrupted
 from densecl_bench.engine import precision as precision_mod
 from densecl_bench.errors import UserError, user_errors
 from densecl_bench.results import Ledger, provenance
+from densecl_bench.status import StageStates
 from densecl_bench.tables import write_tables
 
 log = logging.getLogger(__name__)
@@ -211,6 +212,7 @@ class _Suite:
     on_bad_image: str
     precision: str | None
     echo: Callable[[str], None]
+    extra_provenance: dict[str, Any] = field(default_factory=dict)
 
     def context(self, bench: Benchmark, configs: dict[str, dict[str, Any]], trial: int) -> RunContext:
         return RunContext(
@@ -231,7 +233,7 @@ class _Suite:
             allow_partial=self.allow_partial, missing_tensors=len(loaded.missing_keys),
             on_bad_image=self.on_bad_image,
             skipped_images={name: len(rows) for name, rows in ctx.skipped_images.items()},
-            precision=precision, batch_mismatch=batch,
+            precision=precision, batch_mismatch=batch, **self.extra_provenance,
         )
 
 
@@ -300,6 +302,59 @@ def _run_benchmark(suite: _Suite, bench: Benchmark, trials: int) -> list[StageOu
     return outcomes
 
 
+@dataclass
+class RunSetup:
+    """A run directory opened for one checkpoint: what the stages of the run share, before any model is built."""
+
+    loaded: LoadedCheckpoint
+    label: str
+    ledger: Ledger
+    data_root: Path
+    demo: bool
+    profiles: list[str]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.ledger.run_dir
+
+
+def open_run(
+    ckpt: str,
+    *,
+    data_root: Path | None = None,
+    runs_dir: Path = Path("runs"),
+    run_id: str | None = None,
+    label: str | None = None,
+    profiles: Sequence[str] = (),
+    seed: int = 0,
+    arch: str | None = None,
+    allow_partial: bool = False,
+    precision: str | None = None,
+    echo: Callable[[str], None] = print,
+) -> RunSetup:
+    """Load the checkpoint, resolve profiles and data (writing the demo datasets on first use) and open
+    the run directory: a new one gets its manifest, an existing one must belong to the same run."""
+    if precision is not None:
+        precision_mod.check(precision)
+    demo = data_root is None
+    profiles = resolve_profiles(profiles, demo)
+    loaded = load_checkpoint(ckpt, arch=arch, allow_partial=allow_partial, seed=seed)
+    if demo:
+        from densecl_bench.data.demo import ensure_demo
+
+        data_root = ensure_demo()
+        echo(DEMO_BANNER.format(root=data_root))
+    data_root = Path(data_root).resolve()
+    label = label or row_label(loaded)
+    run_dir = Path(runs_dir) / (run_id or default_run_id(label, loaded, profiles, precision))
+    ledger = _open_run(run_dir, {
+        "run_id": run_dir.name, "label": label, "ckpt": str(ckpt), "ckpt_sha256": loaded.sha256,
+        "ckpt_layout": loaded.layout, "arch": loaded.arch, "profiles": profiles, "demo": demo,
+        "data_root": str(data_root), "precision": precision, "argv": sys.argv,
+    })
+    return RunSetup(loaded, label, ledger, data_root, demo, profiles)
+
+
 def run_suite(
     names: list[str],
     ckpt: str,
@@ -317,6 +372,7 @@ def run_suite(
     num_workers: int = 2,
     on_bad_image: str = "raise",
     precision: str | None = None,
+    extra_provenance: dict[str, Any] | None = None,
     echo: Callable[[str], None] = print,
 ) -> SuiteResult:
     """Run the named benchmarks (`all` for every registered one) and write ledger and tables.
@@ -324,40 +380,33 @@ def run_suite(
     profiles: applied in order to every config that offers them (`demo` comes first on demo data).
     seed: the first trial's seed (trial t uses seed + t) and the weights of `ckpt="random"`.
     precision: `fp32` or `bf16` for every stage in place of each config's `precision` (None: the configs').
+    extra_provenance: facts every record carries besides the run's (`watch` adds the pretraining epoch).
+    Each stage's state (running, done, failed...) goes to the run's `stages.json` for `status`.
     """
     if trials < 1 or num_workers < 0:
         raise UserError(f"trials must be >= 1 and workers >= 0 (got {trials} and {num_workers})")
-    if precision is not None:
-        precision_mod.check(precision)
     precision_mod.ieee_fp32()  # fp32 is IEEE fp32 on every GPU (bf16 autocast is unaffected)
     dist.init_from_env()
     if not dist.is_main():
         echo = _silent  # one voice under torchrun
     with dist.fail_together():
         benchmarks = registry.resolve(names)
-        demo = data_root is None
-        profiles = resolve_profiles(profiles, demo)
-        loaded, backbone, device_ = load_frozen(ckpt, arch, allow_partial, device, seed)
-        if demo:
-            from densecl_bench.data.demo import ensure_demo
-
-            data_root = ensure_demo()
-            echo(DEMO_BANNER.format(root=data_root))
-        data_root = Path(data_root).resolve()
-        label = label or row_label(loaded)
-        run_dir = Path(runs_dir) / (run_id or default_run_id(label, loaded, profiles, precision))
-        ledger = _open_run(run_dir, {
-            "run_id": run_dir.name, "label": label, "ckpt": str(ckpt), "ckpt_sha256": loaded.sha256,
-            "ckpt_layout": loaded.layout, "arch": loaded.arch, "profiles": profiles, "demo": demo,
-            "data_root": str(data_root), "precision": precision, "argv": sys.argv,
-        })
-        suite = _Suite(str(ckpt), loaded, backbone, device_, data_root, demo, ledger, label, profiles, seed,
-                       allow_partial, num_workers, on_bad_image, precision, echo)
+        device_ = dist.resolve_device(device)
+        setup = open_run(ckpt, data_root=data_root, runs_dir=runs_dir, run_id=run_id, label=label,
+                         profiles=profiles, seed=seed, arch=arch, allow_partial=allow_partial, precision=precision,
+                         echo=echo)
+        backbone = freeze(build_backbone(setup.loaded)).to(device_)
+        suite = _Suite(str(ckpt), setup.loaded, backbone, device_, setup.data_root, setup.demo, setup.ledger,
+                       setup.label, setup.profiles, seed, allow_partial, num_workers, on_bad_image, precision, echo,
+                       dict(extra_provenance or {}))
+        run_dir = setup.run_dir
         result = SuiteResult(run_dir, named=() if "all" in names else tuple(b.name for b in benchmarks))
+        track = StageStates(run_dir).track if dist.is_main() else (lambda _name, run: run())
         for bench_cls in benchmarks:
-            result.stages += _run_benchmark(suite, bench_cls(), trials)
+            result.stages += track(bench_cls.name, lambda: _run_benchmark(suite, bench_cls(), trials))
         if dist.is_main():
-            write_tables(run_dir)
+            with setup.ledger.lock():  # a stage of another job may be appending: render what is complete
+                write_tables(run_dir)
         dist.barrier()
     return result
 

@@ -41,6 +41,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from densecl_bench.progress import bar as progress_bar
+
 log = logging.getLogger(__name__)
 
 SOLVERS: tuple[str, ...] = ("gram", "sklearn")
@@ -648,7 +650,7 @@ def _voc07_sklearn(xtr: np.ndarray, targets: np.ndarray, xte: np.ndarray, costs:
     n_cls = targets.shape[1]
     cv_ap = np.zeros((n_cls, len(costs)))
     test_scores = np.zeros((n_cls, len(costs), len(xte)))
-    bar = tqdm(total=n_cls * len(costs), desc="svm (sklearn)", disable=_quiet(progress))
+    bar = progress_bar(total=n_cls * len(costs), desc="svm (sklearn)", progress=progress)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         for c in range(n_cls):
@@ -694,7 +696,7 @@ def _voc07_newton(xtr: np.ndarray, targets: np.ndarray, xte: np.ndarray, costs: 
     stats = FitStats()
     A = None
     fold_mean = {}  # per cost: the fold solutions averaged per class, to warm-start the refit
-    for j in tqdm(np.argsort(costs, kind="stable"), desc=f"svm cv ({space})", disable=_quiet(progress)):
+    for j in progress_bar(np.argsort(costs, kind="stable"), desc=f"svm cv ({space})", progress=progress):
         A, F = fit(system, Y, costs[j] * pos * train, init=A, stats=stats)
         fold_mean[int(j)] = A[0].reshape(-1, n_cls, n_splits).mean(2)
         F = F[0].cpu().numpy()
@@ -775,7 +777,7 @@ def lowshot_svm(train_x: np.ndarray, test_x: np.ndarray, test_labels: np.ndarray
         Kte = gram(xte, xtr, intercept_scaling=intercept_scaling, device=device, dtype=dtype)
         precond = nystrom(K[None]) if len(xtr) >= PRECOND_MIN_ROWS else None
     stats = FitStats()
-    bar = tqdm(total=len(draws) * n_cls, desc=f"low-shot svm ({solver})", disable=_quiet(progress))
+    bar = progress_bar(total=len(draws) * n_cls, desc=f"low-shot svm ({solver})", progress=progress)
     for i, draw in enumerate(draws):
         if solver == "gram":
             scores, cv = _lowshot_gram(K, Kte, precond, draw.targets, costs, cv_folds, direct_max, bar, stats)
@@ -922,7 +924,3 @@ def aggregate_lowshot(draws: Sequence[LowshotDraw], test_ap: np.ndarray, costs: 
                   "std": float(vals.std()), "cost": float(costs[best]), "samples": len(rows)}
     return out
 
-
-def _quiet(progress: bool | None) -> bool | None:
-    """tqdm's `disable`: None (auto: off when not a terminal) unless progress is forced on or off."""
-    return None if progress is None else not progress

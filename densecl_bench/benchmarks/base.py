@@ -152,6 +152,9 @@ class Benchmark(ABC):
     # Under torchrun, run() executes on rank 0 only; its `ctx.features()` calls stay sharded over all
     # ranks. For benchmarks whose compute after extraction is one process's work (SVM, kNN).
     rank0_only: ClassVar[bool] = False
+    # GPUs the protocol assumes (its total batch over this many processes): a SLURM job of the stage
+    # asks for this many unless `--gpus-per-stage` says otherwise
+    gpus: ClassVar[int] = 1
 
     @classmethod
     def all_configs(cls) -> tuple[str, ...]:

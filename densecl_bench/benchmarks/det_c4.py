@@ -32,6 +32,7 @@ class Voc0712FasterRcnnC4(Benchmark):
     table = "Detection: Pascal VOC 2007 + 2012"
     config = "faster_rcnn_r50_c4_mstrain_24k_voc0712"
     order = 50
+    gpus = 8
 
     def required_data(self, data_root: Path) -> list[Path]:
         devkit = data_root / "VOCdevkit"

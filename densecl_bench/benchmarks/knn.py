@@ -21,6 +21,7 @@ class ImagenetKnn(Benchmark):
     table = "ImageNet Nearest-Neighbor Classification"
     config = "knn_imagenet"
     order = 40
+    gpus = 1
     rank0_only = True  # one process builds the bank; extraction stays sharded
 
     def required_data(self, data_root: Path) -> list[Path]:

@@ -65,6 +65,7 @@ def head_metrics(benchmark: str, result: ProbeResult, cfg: dict[str, Any], names
 class _MultiHeadLinear(Benchmark):
     """A multi-head probe over feature1..feature5 on one single-label dataset."""
 
+    gpus = 8
     folder: ClassVar[str]
     reader: ClassVar[Callable[[Path, str], ImageList]]
 

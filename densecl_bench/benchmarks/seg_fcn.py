@@ -38,6 +38,7 @@ class Voc12AugFcn(_Fcn):
     table = "Segmentation: Pascal VOC 2012 + Aug"
     config = "fcn_r50-d8_512x512_20k_voc12aug"
     order = 70
+    gpus = 4
 
     def required_data(self, data_root: Path) -> list[Path]:
         voc = dataset_dirs(data_root)["voc12aug"]

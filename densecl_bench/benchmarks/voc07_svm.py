@@ -47,6 +47,7 @@ def _solver_args(ctx: RunContext) -> dict[str, Any]:
 class _Voc07Benchmark(Benchmark):
     table = TABLE
     rank0_only = True  # the SVMs train in one process; extraction stays sharded
+    gpus = 1
 
     def required_data(self, data_root: Path) -> list[Path]:
         return [data_root / "VOCdevkit" / "VOC2007"]

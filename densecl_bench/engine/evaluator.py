@@ -13,11 +13,11 @@ from typing import Any
 import torch
 import torch.distributed as td
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from densecl_bench import dist
 from densecl_bench.engine import precision as precision_mod
 from densecl_bench.engine.sync import agree
+from densecl_bench.progress import bar as progress_bar
 
 
 class DatasetEvaluator:
@@ -86,9 +86,8 @@ def inference_on_dataset(
     error: Exception | None = None
     model.eval()
     try:
-        hidden = True if not dist.is_main() else None if progress is None else not progress
         with torch.inference_mode(), precision_mod.autocast(precision, device):
-            for batch in tqdm(loader, desc=desc, leave=False, disable=hidden):
+            for batch in progress_bar(loader, desc=desc, leave=False, progress=progress):
                 evaluator.process(batch, forward(model, batch))
     except Exception as e:  # noqa: BLE001 - agreed below
         error = e

@@ -21,6 +21,7 @@ from densecl_bench.engine.precise_bn import update_bn_stats
 from densecl_bench.engine.schedule import LRScheduler
 from densecl_bench.engine.trainer import HookBase
 from densecl_bench.paths import atomic_write_text
+from densecl_bench.progress import bar as progress_bar
 
 
 class LRSchedulerHook(HookBase):
@@ -123,7 +124,7 @@ def _fmt_eta(seconds: float) -> str:
 class MetricLogger(HookBase):
     """Progress bar (loss, LR, throughput, ETA), a `metrics.jsonl`, and the per-epoch history.
 
-    Every `period` iterations a record {iter, epoch, lr, loss, loss terms} is appended to `path`
+    Every `period` iterations a record {iter, max_iters, epoch, lr, loss, loss terms} is appended to `path`
     (rank 0, one line per write, so a crash leaves at most one partial line, which readers skip); at
     each epoch's end a record with the epoch's mean losses over all ranks and any evaluation results
     is appended and kept in `history`. Evaluations between epochs get a record of their own. On a
@@ -173,9 +174,8 @@ class MetricLogger(HookBase):
         if t.inner_iter == 0:
             self._sums, self._count = {}, 0
         total = min(t.iters_per_epoch, t.end_iter - t.epoch * t.iters_per_epoch)
-        hidden = True if not dist.is_main() else None if self.progress is None else not self.progress
-        self._bar = tqdm(total=total, initial=t.inner_iter, desc=f"{t.name} {t.epoch + 1}/{t.max_epochs}",
-                         leave=False, disable=hidden, dynamic_ncols=True)
+        self._bar = progress_bar(total=total, initial=t.inner_iter, desc=f"{t.name} {t.epoch + 1}/{t.max_epochs}",
+                                 leave=False, progress=self.progress)
         self._tick = time.perf_counter()
 
     def after_step(self) -> None:
@@ -199,7 +199,7 @@ class MetricLogger(HookBase):
             self._bar.update(1)
             self._bar.set_postfix(status, refresh=False)
         if self.period > 0 and t.iter % self.period == 0:
-            self._write({"iter": t.iter, "epoch": t.epoch + 1, "lr": lr, **t.losses})
+            self._write({"iter": t.iter, "max_iters": t.max_iters, "epoch": t.epoch + 1, "lr": lr, **t.losses})
             if self._bar is not None and self._bar.disable and dist.is_main():
                 tqdm.write(f"{t.name} epoch {t.epoch + 1} iter {t.inner_iter}/{t.iters_per_epoch}: "
                            + ", ".join(f"{k} {v}" for k, v in status.items()))
@@ -213,7 +213,8 @@ class MetricLogger(HookBase):
         keys = list(self._sums)
         sums = torch.tensor([*(self._sums[k] for k in keys), self._count], dtype=torch.float64)
         sums = dist.all_reduce_sum(sums.to(t.device)).cpu()
-        record: dict[str, Any] = {"epoch": t.epoch + 1, "iter": t.iter, "lr": t.optimizer.param_groups[0]["lr"]}
+        record: dict[str, Any] = {"epoch": t.epoch + 1, "iter": t.iter, "max_iters": t.max_iters,
+                                  "lr": t.optimizer.param_groups[0]["lr"]}
         record.update({k: (sums[i] / sums[-1].clamp_min(1)).item() for i, k in enumerate(keys)})
         if t.eval_results is not None:
             record.update(t.eval_results)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from densecl_bench import dist
+from densecl_bench.progress import bar as progress_bar
 
 
 def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -38,7 +39,8 @@ def update_bn_stats(model: nn.Module, batches: Iterable[Any], forward: Callable[
         bn.momentum = None  # torch then keeps the cumulative average
     used = 0
     try:
-        for batch in itertools.islice(batches, num_iters):
+        for batch in progress_bar(itertools.islice(batches, num_iters), desc="precise BN", total=num_iters,
+                                  leave=False):
             forward(batch)
             used += 1
     finally:
