@@ -107,7 +107,8 @@ def test_stage_jobs_ask_for_the_gpus_their_protocol_assumes(tmp_path, fakes, mon
 def test_builtin_benchmarks_declare_their_protocols_gpus():
     gpus = {name: cls.gpus for name, cls in registry.available().items()}
     assert gpus == {"voc07_svm": 1, "voc07_lowshot_svm": 1, "imagenet_knn": 1, "imagenet_linear": 8,
-                    "places205_linear": 8, "voc0712_faster_rcnn_c4": 8, "voc12aug_fcn": 4}
+                    "places205_linear": 8, "inat18_linear": 8, "voc0712_faster_rcnn_c4": 8,
+                    "coco_mask_rcnn_fpn_1x": 8, "voc12aug_fcn": 4, "cityscapes_fcn": 4}
 
 
 def test_a_requeued_job_resumes_the_stage_from_its_checkpoint(tmp_path, fakes, monkeypatch):

@@ -32,6 +32,7 @@ class CocoMaskRcnnFpn1x(Benchmark):
     table = "Detection: COCO2017"
     config = "mask_rcnn_r50_fpn_mstrain_1x_coco"
     order = 60
+    gpus = 8  # 2 images x 8 GPUs (mmdet 1x, detectron2 IMS_PER_BATCH 16)
 
     def required_data(self, data_root: Path) -> list[Path]:
         coco = dataset_dirs(data_root)["coco2017"]

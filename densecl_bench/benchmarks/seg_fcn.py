@@ -57,6 +57,7 @@ class CityscapesFcn(_Fcn):
     table = "Segmentation: Cityscapes"
     config = "fcn_r50-d8_769x769_40k_cityscapes"
     order = 75
+    gpus = 4  # 2 crops x 4 GPUs (mmseg cityscapes_769x769, batch 8)
 
     def required_data(self, data_root: Path) -> list[Path]:
         root = dataset_dirs(data_root)["cityscapes"]
