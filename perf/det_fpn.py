@@ -17,14 +17,13 @@ torchvision's reference recipe 0.2728 s/iter (8 V100, 2 per GPU).
 from __future__ import annotations
 
 import argparse
-import resource
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from det_timing import breakdown, describe, memory, sgd_step, time_step
 from PIL import Image
 
 from densecl_bench.checkpoint import load_checkpoint
@@ -32,11 +31,6 @@ from densecl_bench.data.coco import CocoImage
 from densecl_bench.detection.coco_data import CocoTrainSet
 from densecl_bench.detection.fpn import FPNConfig, mask_rcnn_from_checkpoint
 from densecl_bench.engine import precision as precision_mod
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def targets(n: int, h: int, w: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -89,56 +83,16 @@ def main() -> None:
     torch.manual_seed(0)
     model, _ = mask_rcnn_from_checkpoint(load_checkpoint("random"), FPNConfig())
     model.to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(0)
     h, w = args.size, args.size * 4 // 3
     images = [torch.rand(3, h, w, generator=gen).mul(255).to(device) for _ in range(args.batch_size)]
     batch_targets = [{k: v.to(device) for k, v in targets(7, h, w, gen).items()} for _ in range(args.batch_size)]
 
-    parts: dict[str, float] = defaultdict(float)
-    starts: dict[str, float] = {}
-
-    def timer(name: str) -> tuple:
-        def begin(module: torch.nn.Module, args: tuple) -> None:
-            sync(device)
-            starts[name] = time.perf_counter()
-
-        def end(module: torch.nn.Module, args: tuple, out: object) -> None:
-            sync(device)
-            parts[name] += time.perf_counter() - starts[name]
-
-        return begin, end
-
-    for name in ("backbone", "rpn", "roi_heads"):
-        begin, end = timer(name)
-        getattr(model, name).register_forward_pre_hook(begin)
-        getattr(model, name).register_forward_hook(end)
-
-    def step() -> None:
-        with precision_mod.autocast(args.precision, device):
-            loss = sum(model(images, batch_targets).values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    step()
-    parts.clear()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync(device)
-    total = (time.perf_counter() - start) / args.steps
-    per = {k: v / args.steps for k, v in parts.items()}
-    per["backward + SGD"] = total - sum(per.values())
-    mem = (f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda"
-           else f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {where}; torch {torch.__version__}; {args.precision}")
-    print(f"train: batch {args.batch_size} x {h}x{w}: {total:.3f} s/step, {args.batch_size / total:.2f} img/s, {mem}")
-    print("  " + ", ".join(f"{k} {v:.3f} s ({100 * v / total:.0f}%)" for k, v in per.items()))
+    step = sgd_step(model, images, batch_targets, args.precision, device)
+    total, per = time_step(model, ("backbone", "rpn", "roi_heads"), step, args.steps, device)
+    print(describe(device, args.precision))
+    print(f"train: batch {args.batch_size} x {h}x{w}: {total:.3f} s/step, {args.batch_size / total:.2f} img/s, {memory(device)}")
+    print(breakdown(total, per))
     print(f"loader: {loader_speed(args.loader_items):.1f} items/s per worker process (640x480 JPEG, 7 instances)")
     print("published: detectron2 0.261 s/iter, torchvision 0.2728 s/iter (16 images on 8 V100: 2 per GPU)")
 

@@ -14,8 +14,10 @@ docs need most:
 4. Linear-probe step vs forward, fp32 and bf16 (`perf/linear_step.py`).
 5. FCN R50-D8 training and inference, fp32 and bf16 (`perf/seg_fcn.py`).
 6. kNN on the GPU (`perf/knn_speed.py`) and the whole VOC07 SVM protocol on the GPU (`svm.voc07_svm`).
+7. Faster R-CNN C4 and Mask R-CNN FPN training steps with their breakdowns, fp32 (`perf/det_c4.py`,
+   `perf/det_fpn.py`), last: the rows above are the ones the docs need most.
 
-Detection has no perf script yet; its row says so. Each measurement runs in this process (no
+Each measurement runs in this process (no
 re-import per row), with the torch backend flags restored after it, under a time limit so the whole
 run stays within `--budget` seconds; a row that fails or runs out of time is reported as such and
 the others still run.
@@ -278,6 +280,10 @@ ROWS = (
         ["--bank", "200", "--queries", "20", "--dim", "16", "--classes", "10"])),
     Row("svm", "VOC07 SVM protocol on the device (`svm.voc07_svm`, gram solver, float64)", 40,
         lambda sizes, device, work: svm_on_device(sizes, device)),
+    Row("det_c4", "Faster R-CNN R50-C4 step, breakdown and loader (`perf/det_c4.py`)", 30, _script(
+        "det_c4.py", ["--steps", "10"], ["--steps", "1", "--size", "64", "--rois", "4", "--loader-items", "1"])),
+    Row("det_fpn", "Mask R-CNN R50-FPN step, breakdown and loader (`perf/det_fpn.py`)", 30, _script(
+        "det_fpn.py", ["--steps", "10"], ["--steps", "1", "--size", "64", "--loader-items", "1"])),
 )
 
 
@@ -288,7 +294,7 @@ def header(device: torch.device, dry: bool) -> str:
         where = f"CPU {platform.machine()}, {torch.get_num_threads()} torch threads" + (" — dry run, tiny sizes" if dry else "")
     return (f"## GPU rows (`bash perf/gpu_all.sh`, issue 15): {where}\n\n"
             f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-            f"{os.cpu_count()} host CPUs. Detection (C4): no perf script yet, not timed.")
+            f"{os.cpu_count()} host CPUs.")
 
 
 def main(argv: list[str] | None = None) -> int:
