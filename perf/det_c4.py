@@ -16,21 +16,18 @@ Published: detectron2 R50-C4 VOC 0.551 s/iter at 16 images on 8 V100 (2 per GPU)
 
 from __future__ import annotations
 
-import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from det_timing import breakdown, describe, memory, sgd_step, time_step
+from det_timing import breakdown, describe, items_per_second, memory, sgd_step, step_arguments, time_step
 from PIL import Image
 
 from densecl_bench.checkpoint import load_checkpoint
 from densecl_bench.data.voc import DetectionRecord
 from densecl_bench.detection.c4 import C4Config, c4_from_checkpoint
 from densecl_bench.detection.data import DetectionTrainSet
-from densecl_bench.engine import precision as precision_mod
 
 
 def targets(n: int, h: int, w: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -48,21 +45,11 @@ def loader_speed(n: int) -> float:
         Image.fromarray(pixels).save(path, quality=90)
         record = DetectionRecord(path, "img", 500, 375, np.array([[48, 40, 300, 260], [200, 120, 480, 360]], np.float32),
                                  np.array([0, 14]), np.zeros(2, bool))
-        data = DetectionTrainSet([record] * n)
-        start = time.perf_counter()
-        for i in range(n):
-            data[i]
-        return n / (time.perf_counter() - start)
+        return items_per_second(DetectionTrainSet([record] * n), n)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--size", type=int, default=640, help="shorter side; the longer is 4/3 of it")
-    parser.add_argument("--precision", default="fp32", choices=precision_mod.PRECISIONS)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--loader-items", type=int, default=20)
+    parser = step_arguments(__doc__.splitlines()[0], size=640)
     parser.add_argument("--workers", type=int, default=4, help="loader processes per GPU (the protocol's)")
     parser.add_argument("--rois", type=int, default=512, help="RoIs sampled per image (the protocol's 512)")
     args = parser.parse_args()

@@ -16,21 +16,18 @@ torchvision's reference recipe 0.2728 s/iter (8 V100, 2 per GPU).
 
 from __future__ import annotations
 
-import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from det_timing import breakdown, describe, memory, sgd_step, time_step
+from det_timing import breakdown, describe, items_per_second, memory, sgd_step, step_arguments, time_step
 from PIL import Image
 
 from densecl_bench.checkpoint import load_checkpoint
 from densecl_bench.data.coco import CocoImage
 from densecl_bench.detection.coco_data import CocoTrainSet
 from densecl_bench.detection.fpn import FPNConfig, mask_rcnn_from_checkpoint
-from densecl_bench.engine import precision as precision_mod
 
 
 def targets(n: int, h: int, w: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -63,21 +60,11 @@ def loader_speed(n: int) -> float:
             boxes.append([*pts.min(0), *(pts.max(0) - pts.min(0))])
         image = CocoImage(1, path, 640, 480, np.array(boxes, np.float32), np.zeros(7, np.int64),
                           np.zeros(7, np.int64), polys, np.zeros(7, bool), np.full(7, 1000.0, np.float32))
-        data = CocoTrainSet([image] * n)
-        start = time.perf_counter()
-        for i in range(n):
-            data[i]
-        return n / (time.perf_counter() - start)
+        return items_per_second(CocoTrainSet([image] * n), n)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--size", type=int, default=800, help="shorter side; the longer is 4/3 of it")
-    parser.add_argument("--precision", default="fp32", choices=precision_mod.PRECISIONS)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--loader-items", type=int, default=20)
+    parser = step_arguments(__doc__.splitlines()[0], size=800)
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -6,12 +6,14 @@ so each part's time is its own); what is left of the step is backward and the op
 
 from __future__ import annotations
 
+import argparse
 import resource
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.utils.data import Dataset
 
 from densecl_bench.engine import precision as precision_mod
 
@@ -65,6 +67,26 @@ def time_step(model: torch.nn.Module, parts: Sequence[str], step: Callable[[], N
     per = {k: v / steps for k, v in spent.items()}
     per["backward + SGD"] = total - sum(per.values())
     return total, per
+
+
+def step_arguments(description: str, size: int) -> argparse.ArgumentParser:
+    """The options both detector scripts take; `size` is the default shorter side."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--size", type=int, default=size, help="shorter side; the longer is 4/3 of it")
+    parser.add_argument("--precision", default="fp32", choices=precision_mod.PRECISIONS)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--loader-items", type=int, default=20)
+    return parser
+
+
+def items_per_second(dataset: Dataset, n: int) -> float:
+    """`dataset[i]` for i < n in this process: one loader worker's throughput."""
+    start = time.perf_counter()
+    for i in range(n):
+        dataset[i]
+    return n / (time.perf_counter() - start)
 
 
 def describe(device: torch.device, precision: str) -> str:
