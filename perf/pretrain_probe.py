@@ -10,6 +10,8 @@ Runs the real `DenseCL` module, optimiser and MoCo v2 views of a pretrain config
 Not a test and not the training loop (no checkpoints, no resume): a probe for choosing a schedule.
 
     python perf/pretrain_probe.py --iters 60 --set model.arch=resnet18 --set data.image_size=64
+    python perf/pretrain_probe.py --resume work_dirs/densecl_demo/latest.pth --iters 5 --set optimizer.lr=0
+                                  # the same statistics for a trained checkpoint, weights left unchanged
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="densecl_demo")
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--resume", help="start from this pretraining checkpoint's model state (queues included)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="override, e.g. model.momentum=0.9")
     args = ap.parse_args()
     cfg = config.load(args.config, "pretrain")
@@ -71,11 +74,13 @@ def main() -> None:
     stats: dict[str, Any] = {}
     _instrument(stats)
     model = build_model(cfg).train()
+    if args.resume:
+        model.load_state_dict(torch.load(args.resume, map_location="cpu", weights_only=True)["state_dict"])
     batch = cfg["data"]["batch_size_per_gpu"]
     lr = cfg["optimizer"]["lr"] * batch / cfg["optimizer"]["lr_reference_batch"]
     optimizer = build_optimizer(cfg, model, lr, fused=False)
     images = imagenet(ensure_demo() / "imagenet", "train")
-    views = TwoViewDataset(images, mocov2(cfg["data"]["image_size"]), seed=cfg["seed"])
+    views = TwoViewDataset(images, mocov2(cfg["data"]["image_size"], cfg["data"].get("augmentation")), seed=cfg["seed"])
     sampler = EpochSampler(len(images), batch, cfg["seed"])
     per_epoch, lam = len(sampler) // batch, model.loss_lambda
     chance, start = math.log(model.queue_len + 1), time.perf_counter()

@@ -13,6 +13,7 @@ from scipy import stats
 from torchvision.transforms import functional as TF
 
 from densecl_bench.pretrain import batch_augment as B
+from densecl_bench.pretrain.augment import mocov2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -185,3 +186,27 @@ def test_coin_and_factor_distributions(draws):
     assert len(counts) == 24 and stats.chisquare(counts).pvalue > 0.01  # every order of the 4 ops, equally often
     sigma = np.array([float(d["sigma"]) for d in draws if d["blur"]])
     assert stats.kstest(sigma, stats.uniform(0.1, 1.9).cdf).pvalue > 0.01
+
+
+@pytest.mark.parametrize("augment", [
+    None,
+    {"color_jitter_p": 0.0},
+    {"color_jitter": [0.0, 0.4, 0.0, 0.0], "grayscale_p": 0.5, "crop_scale": [0.5, 1.0]},
+])
+def test_recipe_draws_what_the_pil_pipeline_draws_under_overrides(augment):
+    # a config's data.augmentation must change both loaders alike: same parameters, same RNG calls in the same
+    # order (an op that is off draws nothing in torchvision, so the recipe must not draw for it either)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    recipe = B.Recipe.mocov2(32, augment)
+    assert recipe.scale == (tuple(augment["crop_scale"]) if augment and "crop_scale" in augment else (0.2, 1.0))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        mocov2(32, augment)(img)
+        cpu_state = torch.get_rng_state()
+        torch.manual_seed(seed)
+        params = recipe.draw(30, 40)
+        assert torch.equal(torch.get_rng_state(), cpu_state), seed
+        if augment and augment.get("color_jitter_p") == 0.0:
+            assert not params["jitter"]
+    with pytest.raises(ValueError, match="unknown keys"):
+        mocov2(32, {"colour_jitter": 0.1})

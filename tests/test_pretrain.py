@@ -358,6 +358,11 @@ def test_packaged_configs_follow_protocol():
     demo = config.load("densecl_demo", "pretrain")
     assert demo["model"]["queue_len"] % demo["data"]["batch_size_per_gpu"] == 0 and demo["data"]["demo"]
     assert demo["precision"] == "fp32"  # bf16 would apply on CPU too and change the demo numbers
+    # the demo's two learning aids (perf/RESULTS.md, issue 17), absent from the recipe, which keeps §1.1/§1.2
+    assert demo["model"]["zero_init_residual"] is True and "zero_init_residual" not in cfg["model"]
+    assert demo["data"]["augmentation"] == {"color_jitter_p": 0.0, "grayscale_p": 0.5}
+    assert "augmentation" not in cfg["data"]
+    assert demo["data"]["image_size"] >= 97  # res5 grid 4x4 or finer (ceil(97 / 32) = 4)
 
 
 def test_two_process_gloo_run(images, tmp_path):
@@ -370,3 +375,25 @@ def test_two_process_gloo_run(images, tmp_path):
     assert ckpt["meta"]["global_batch"] == 8 and ckpt["meta"]["iter"] == 1
     assert int(ckpt["state_dict"]["queue_ptr"]) == 8  # both ranks' 4 keys were enqueued
     assert "ranks agree" in res.stdout
+
+
+def test_zero_init_residual_starts_every_block_as_the_identity():
+    # a demo-schedule option (off in the recipe, §1.1): the last BN of each block at 0, in both encoders
+    blocks = lambda enc: [m for m in enc.modules() if hasattr(m, "conv2") and hasattr(m, "bn2")]  # noqa: E731
+    on, off = tiny_model(zero_init_residual=True), tiny_model()
+    for enc in (on.encoder_q[0], on.encoder_k[0]):
+        assert blocks(enc) and all(not b.bn2.weight.any() for b in blocks(enc))  # BasicBlock: bn2 is the last
+    assert all(b.bn2.weight.eq(1).all() for b in blocks(off.encoder_q[0]))
+    x = torch.randn(2, 3, 64, 64)
+    stem = on.encoder_q[0]
+    with torch.no_grad():
+        f = stem(x, ("feature2",))["feature2"]
+        pre = stem.maxpool(stem.relu(stem.bn1(stem.conv1(x))))
+    assert torch.allclose(f, pre)  # layer1 is the identity (64 -> 64 channels, no downsample)
+
+
+def test_config_augmentation_overrides_reach_training_and_unknown_keys_fail(images, tmp_path):
+    with pytest.raises(ConfigError, match="unknown keys"):
+        train(tiny_cfg(data={"augmentation": {"jitter": 0.1}}), images, tmp_path / "bad")
+    with pytest.raises(ConfigError, match="zero_init_residual"):
+        train(tiny_cfg(model={"zero_init_residual": "yes"}), images, tmp_path / "bad2")

@@ -12,7 +12,8 @@ same views by skipping the batches it has already seen.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from PIL import Image, ImageFilter
@@ -20,7 +21,12 @@ from torch import Tensor
 from torchvision import transforms as T
 
 from densecl_bench.data.augment import sample_seed
-from densecl_bench.data.base import BadImageError, ImageList, check_bad_image_policy, load_rgb
+from densecl_bench.data.base import (
+    BadImageError,
+    ImageList,
+    check_bad_image_policy,
+    load_rgb,
+)
 from densecl_bench.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
@@ -45,13 +51,43 @@ class GaussianBlur:
         return f"GaussianBlur(sigma=({self.sigma_min}, {self.sigma_max}), p={self.p})"
 
 
-def mocov2(size: int = 224) -> T.Compose:
-    """One MoCo v2 view (§1.2): RRC(0.2-1) -> ColorJitter p0.8 -> Gray p0.2 -> Blur p0.5 -> Flip -> Normalize."""
+AUGMENTATION_DEFAULTS: dict[str, Any] = {
+    "crop_scale": (0.2, 1.0),
+    "color_jitter": (0.4, 0.4, 0.4, 0.1),
+    "color_jitter_p": 0.8,
+    "grayscale_p": 0.2,
+    "blur_p": 0.5,
+}
+
+
+def augmentation(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """§1.2's view parameters with a config's `data.augmentation` overrides applied (unknown keys fail).
+
+    The recipe is the default; a config names a weaker one only where a schedule needs it (the demo
+    pretraining), and the config, hence the checkpoint's fingerprint, records it.
+    """
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(AUGMENTATION_DEFAULTS))
+    if unknown:
+        raise ValueError(f"data.augmentation: unknown keys {unknown}; expected some of {sorted(AUGMENTATION_DEFAULTS)}")
+    out = dict(AUGMENTATION_DEFAULTS, **overrides)
+    out["crop_scale"], out["color_jitter"] = tuple(out["crop_scale"]), tuple(out["color_jitter"])
+    if len(out["crop_scale"]) != 2 or len(out["color_jitter"]) != 4:
+        raise ValueError("data.augmentation: crop_scale is [min, max], color_jitter is [brightness, contrast, saturation, hue]")
+    return out
+
+
+def mocov2(size: int = 224, augment: Mapping[str, Any] | None = None) -> T.Compose:
+    """One MoCo v2 view (§1.2): RRC(0.2-1) -> ColorJitter p0.8 -> Gray p0.2 -> Blur p0.5 -> Flip -> Normalize.
+
+    `augment`: overrides of `AUGMENTATION_DEFAULTS` (see `augmentation`); None is the recipe.
+    """
+    a = augmentation(augment)
     return T.Compose([
-        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        GaussianBlur(0.1, 2.0, p=0.5),
+        T.RandomResizedCrop(size, scale=a["crop_scale"]),
+        T.RandomApply([T.ColorJitter(*a["color_jitter"])], p=a["color_jitter_p"]),
+        T.RandomGrayscale(p=a["grayscale_p"]),
+        GaussianBlur(0.1, 2.0, p=a["blur_p"]),
         T.RandomHorizontalFlip(p=0.5),
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),

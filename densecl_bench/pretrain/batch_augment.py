@@ -32,8 +32,9 @@ mean rounded to an integer, the hue shifted in whole steps of its uint8 HSV.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,10 @@ LUMA = (0.299, 0.587, 0.114)
 BLUR_PASSES = 3  # PIL's GaussianBlur: three box blurs per axis
 
 
+def _range(r: Sequence[float] | None) -> tuple[float, float] | None:
+    return None if r is None else (float(r[0]), float(r[1]))
+
+
 @dataclass(frozen=True)
 class Recipe:
     """The numbers of one view's augmentation, read from the CPU pipeline so there is one definition."""
@@ -70,10 +75,10 @@ class Recipe:
     scale: tuple[float, float]
     ratio: tuple[float, float]
     jitter_p: float
-    brightness: tuple[float, float]
-    contrast: tuple[float, float]
-    saturation: tuple[float, float]
-    hue: tuple[float, float]
+    brightness: tuple[float, float] | None  # None: the op is off (torchvision draws no factor for it)
+    contrast: tuple[float, float] | None
+    saturation: tuple[float, float] | None
+    hue: tuple[float, float] | None
     gray_p: float
     blur_sigma: tuple[float, float]
     blur_p: float
@@ -82,14 +87,14 @@ class Recipe:
     std: tuple[float, ...]
 
     @classmethod
-    def mocov2(cls, size: int = 224) -> Recipe:
-        """§1.2's recipe, taken from `augment.mocov2(size)`."""
-        rrc, jitter, gray, blur, flip, _, norm = mocov2(size).transforms
+    def mocov2(cls, size: int = 224, augment: Mapping[str, Any] | None = None) -> Recipe:
+        """§1.2's recipe (with a config's `data.augmentation` overrides), taken from `augment.mocov2`."""
+        rrc, jitter, gray, blur, flip, _, norm = mocov2(size, augment).transforms
         cj = jitter.transforms[0]
         assert isinstance(rrc, T.RandomResizedCrop) and isinstance(cj, T.ColorJitter) and isinstance(blur, GaussianBlur)
         return cls(size=size, scale=tuple(rrc.scale), ratio=tuple(rrc.ratio), jitter_p=jitter.p,
-                   brightness=tuple(cj.brightness), contrast=tuple(cj.contrast), saturation=tuple(cj.saturation),
-                   hue=tuple(cj.hue),
+                   brightness=_range(cj.brightness), contrast=_range(cj.contrast),
+                   saturation=_range(cj.saturation), hue=_range(cj.hue),
                    gray_p=gray.p, blur_sigma=(blur.sigma_min, blur.sigma_max), blur_p=blur.p, flip_p=flip.p,
                    mean=tuple(norm.mean), std=tuple(norm.std))
 
@@ -106,7 +111,8 @@ class Recipe:
         jitter = not self.jitter_p < torch.rand(1)  # RandomApply
         if jitter:
             order, *values = T.ColorJitter.get_params(self.brightness, self.contrast, self.saturation, self.hue)
-            factors = torch.tensor(values, dtype=torch.float64)
+            factors = torch.tensor([v if v is not None else i for v, i in zip(values, (1.0, 1.0, 1.0, 0.0))],
+                                   dtype=torch.float64)  # an op that is off: its identity factor
         gray = bool(torch.rand(1) < self.gray_p)
         blur = not torch.rand(()).item() >= self.blur_p
         sigma = torch.empty(()).uniform_(*self.blur_sigma).item() if blur else 0.0

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from densecl_bench import dist
 from densecl_bench.backbone import Backbone
@@ -58,8 +59,12 @@ class DenseCLNeck(nn.Module):
         return g, d.flatten(2), d.mean(dim=(2, 3))
 
 
-def init_backbone(backbone: Backbone) -> None:
-    """MMSelfSup 0.x backbone init (§1.1): Kaiming normal (fan_out, ReLU) for conv, BN weight 1 / bias 0."""
+def init_backbone(backbone: Backbone, zero_init_residual: bool = False) -> None:
+    """MMSelfSup 0.x backbone init (§1.1): Kaiming normal (fan_out, ReLU) for conv, BN weight 1 / bias 0.
+
+    zero_init_residual: the last BN of every residual block starts at weight 0 (Goyal et al. 2017), so
+    each block starts as the identity. Off in the recipe (§1.1); the demo schedule turns it on.
+    """
     for m in backbone.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -68,6 +73,12 @@ def init_backbone(backbone: Backbone) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+    if zero_init_residual:
+        for m in backbone.modules():
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+            elif isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
 
 
 def dense_correspondence(q_b: Tensor, k_b: Tensor) -> Tensor:
@@ -110,6 +121,8 @@ class DenseCL(nn.Module):
         momentum: EMA coefficient of the key encoder (0.999).
         temperature: tau of both contrastive losses (0.2).
         loss_lambda: weight of the dense loss; (1 - lambda) weighs the global loss (0.5).
+        hid_channels: hidden width of both neck branches (default: the backbone's feature5 width).
+        zero_init_residual: start every residual block as the identity (False in the recipe).
     """
 
     def __init__(
@@ -121,10 +134,11 @@ class DenseCL(nn.Module):
         temperature: float = 0.2,
         loss_lambda: float = 0.5,
         hid_channels: int | None = None,
+        zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         backbone = Backbone(arch)
-        init_backbone(backbone)
+        init_backbone(backbone, zero_init_residual)
         width = backbone.channels["feature5"]
         self.encoder_q = nn.ModuleList([backbone, DenseCLNeck(width, hid_channels or width, feat_dim)])
         self.encoder_k = copy.deepcopy(self.encoder_q)

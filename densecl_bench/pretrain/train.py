@@ -28,7 +28,12 @@ from densecl_bench import config as config_mod
 from densecl_bench.config import ConfigError
 from densecl_bench.data.base import ImageList
 from densecl_bench.engine.trainer import StepFn
-from densecl_bench.pretrain.augment import EpochSampler, TwoViewDataset, mocov2
+from densecl_bench.pretrain.augment import (
+    EpochSampler,
+    TwoViewDataset,
+    augmentation,
+    mocov2,
+)
 from densecl_bench.pretrain.batch_augment import Recipe
 from densecl_bench.pretrain.gpu_loader import GPUTwoViewLoader
 from densecl_bench.pretrain.model import DenseCL, lambda_at
@@ -63,6 +68,8 @@ def build_model(cfg: dict[str, Any]) -> DenseCL:
         momentum=float(_get(cfg, "model.momentum", (int, float))),
         temperature=float(_get(cfg, "model.temperature", (int, float))),
         loss_lambda=float(_get(cfg, "model.loss_lambda", (int, float))),
+        zero_init_residual=_get({**cfg, "model": {"zero_init_residual": False, **cfg["model"]}},
+                                "model.zero_init_residual", bool),
     )
 
 
@@ -182,14 +189,18 @@ def train(
 
     workers = _get(cfg, "data.num_workers", int)
     size, on_bad_image = _get(cfg, "data.image_size", int), _get(cfg, "data.on_bad_image", str)
+    try:
+        augment = augmentation(cfg["data"].get("augmentation"))
+    except ValueError as e:
+        raise ConfigError(f"pretrain config {cfg.get('_config', '?')}: {e}") from None
     sampler = EpochSampler(len(image_list), batch, seed, dist.rank(), world)
     loader_kwargs = {"num_workers": workers, "persistent_workers": workers > 0,
                      "generator": torch.Generator().manual_seed(seed)}
     if loader == "gpu":
-        data = GPUTwoViewLoader(image_list, Recipe.mocov2(size), sampler, batch, device, seed, on_bad_image,
+        data = GPUTwoViewLoader(image_list, Recipe.mocov2(size, augment), sampler, batch, device, seed, on_bad_image,
                                 **loader_kwargs)
     else:
-        dataset = TwoViewDataset(image_list, mocov2(size), seed=seed, on_bad_image=on_bad_image)
+        dataset = TwoViewDataset(image_list, mocov2(size, augment), seed=seed, on_bad_image=on_bad_image)
         data = engine.EpochLoader(dataset, sampler, batch, drop_last=True, pin_memory=cuda, **loader_kwargs)
     lr_schedule = (engine.LRSchedule("cosine", total=epochs) if schedule == "cosine"
                    else engine.LRSchedule("cosine", total=epochs * iters_per_epoch, by_epoch=False))
