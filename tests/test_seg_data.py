@@ -132,6 +132,8 @@ def test_eval_set_resizes_the_image_and_keeps_the_label(tmp_path):
     voc = write_voc12(tmp_path, {"train": [], "aug": [], "val": ["2012_000004"]}, size=(40, 30))
     x, y = SegmentationEvalSet(voc12aug_pairs(voc, "val"), scale=(80, 20))[0]
     assert x.shape == (3, 20, 27) and y.shape == (30, 40)  # factor min(80 / 40, 20 / 30)
-    with pytest.raises(Exception, match="masks are palette or greyscale"):
-        Image.new("RGB", (2, 2)).save(tmp_path / "bad.png")
+    Image.new("RGB", (2, 2)).save(tmp_path / "bad.png")
+    with pytest.raises(Exception, match="(?s)masks are palette or greyscale.*layout for voc12aug"):
         load_label(tmp_path / "bad.png")
+    with pytest.raises(Exception, match="(?s)masks are palette or greyscale.*layout for cityscapes"):
+        SegmentationEvalSet([(tmp_path / "bad.png", tmp_path / "bad.png")], scale=(80, 20), dataset="cityscapes")[0]

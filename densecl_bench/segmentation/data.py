@@ -67,11 +67,12 @@ def voc12aug_pairs(voc_dir: str | Path, split: str) -> list[tuple[Path, Path]]:
     return sorted(voc_segmentation(voc_dir, split, aug_dir=voc_dir if split == "train" else None))
 
 
-def load_label(path: Path) -> np.ndarray:
-    """A mask PNG as class indices (uint8): palette ('P') and greyscale ('L') images carry them as pixel values."""
+def load_label(path: Path, dataset: str = "voc12aug") -> np.ndarray:
+    """A mask PNG as class indices (uint8): palette ('P') and greyscale ('L') images carry them as pixel values.
+    `dataset` names the layout the error shows."""
     with Image.open(path) as img:
         if img.mode not in ("P", "L"):
-            raise layout_error("voc12aug", f"{path} is a {img.mode} image; masks are palette or greyscale PNGs")
+            raise layout_error(dataset, f"{path} is a {img.mode} image; masks are palette or greyscale PNGs")
         return np.array(img)
 
 
@@ -237,22 +238,23 @@ class TrainPipeline:
 class SegmentationTrainSet(Dataset):
     """(image 3 x crop x crop, label crop x crop int64) per pair; wrap it in `engine.SeededDataset`."""
 
-    def __init__(self, pairs: list[tuple[Path, Path]], pipeline: TrainPipeline) -> None:
-        self.pairs, self.pipeline = pairs, pipeline
+    def __init__(self, pairs: list[tuple[Path, Path]], pipeline: TrainPipeline, dataset: str = "voc12aug") -> None:
+        self.pairs, self.pipeline, self.dataset = pairs, pipeline, dataset
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         image_path, label_path = self.pairs[index]
-        return self.pipeline(np.array(load_rgb(image_path)), load_label(label_path))
+        return self.pipeline(np.array(load_rgb(image_path)), load_label(label_path, self.dataset))
 
 
 class SegmentationEvalSet(Dataset):
     """(image resized to `scale` keeping the aspect, 3 x h x w; label at the original size, H x W int64)."""
 
-    def __init__(self, pairs: list[tuple[Path, Path]], scale: tuple[int, int] = (2048, 512)) -> None:
-        self.pairs, self.scale = pairs, scale
+    def __init__(self, pairs: list[tuple[Path, Path]], scale: tuple[int, int] = (2048, 512),
+                 dataset: str = "voc12aug") -> None:
+        self.pairs, self.scale, self.dataset = pairs, scale, dataset
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -261,4 +263,4 @@ class SegmentationEvalSet(Dataset):
         image_path, label_path = self.pairs[index]
         image = np.array(load_rgb(image_path))
         resized, _ = resize_pair(image, None, rescale_size(image.shape[1], image.shape[0], self.scale))
-        return normalize(resized), torch.from_numpy(load_label(label_path)).long()
+        return normalize(resized), torch.from_numpy(load_label(label_path, self.dataset)).long()

@@ -69,10 +69,10 @@ def train_fcn(ckpt: LoadedCheckpoint, cfg: dict[str, Any], dataset: SegDataset, 
     scale = tuple(cfg["img_scale"])
     pipeline = TrainPipeline(cfg["crop_size"], scale, tuple(cfg["ratio_range"]), cfg["cat_max_ratio"], cfg["flip_prob"],
                              PhotoMetricDistortion() if cfg["photometric_distortion"] else None)
-    train_set = engine.SeededDataset(SegmentationTrainSet(dataset.train, pipeline), seed)
+    train_set = engine.SeededDataset(SegmentationTrainSet(dataset.train, pipeline, dataset.name), seed)
     sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=seed, drop_last=True)
     data = engine.EpochLoader(train_set, sampler, per_process, drop_last=True, num_workers=num_workers)
-    val_set = SegmentationEvalSet(dataset.val, scale)
+    val_set = SegmentationEvalSet(dataset.val, scale, dataset.name)
     val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), batch_size=1, num_workers=num_workers)
     evaluator = SemSegEvaluator(cfg["num_classes"], cfg["ignore_index"], dataset.classes, device=device)
 
