@@ -21,12 +21,7 @@ from torch import Tensor
 from torchvision import transforms as T
 
 from densecl_bench.data.augment import sample_seed
-from densecl_bench.data.base import (
-    BadImageError,
-    ImageList,
-    check_bad_image_policy,
-    load_rgb,
-)
+from densecl_bench.data.base import BadImageError, ImageList, check_bad_image_policy, load_rgb
 from densecl_bench.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)

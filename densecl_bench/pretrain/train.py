@@ -28,12 +28,7 @@ from densecl_bench import config as config_mod
 from densecl_bench.config import ConfigError
 from densecl_bench.data.base import ImageList
 from densecl_bench.engine.trainer import StepFn
-from densecl_bench.pretrain.augment import (
-    EpochSampler,
-    TwoViewDataset,
-    augmentation,
-    mocov2,
-)
+from densecl_bench.pretrain.augment import EpochSampler, TwoViewDataset, augmentation, mocov2
 from densecl_bench.pretrain.batch_augment import Recipe
 from densecl_bench.pretrain.gpu_loader import GPUTwoViewLoader
 from densecl_bench.pretrain.model import DenseCL, lambda_at
