@@ -21,15 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from det_timing import (
-    breakdown,
-    describe,
-    items_per_second,
-    memory,
-    sgd_step,
-    step_arguments,
-    time_step,
-)
+from det_timing import breakdown, describe, items_per_second, memory, sgd_step, step_arguments, time_step
 from PIL import Image
 
 from densecl_bench.checkpoint import load_checkpoint
