@@ -17,6 +17,7 @@ training from the stage's last checkpoint under its run directory.
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import time
 from collections.abc import Callable
@@ -99,7 +100,7 @@ def submit_suite(
         raise UserError("--launcher slurm: no `sbatch` here (submit from a SLURM login node; "
                         "--launcher submitit-local runs the same jobs on this machine)")
     benchmarks = registry.resolve(names)
-    open_keys = ("data_root", "runs_dir", "run_id", "label", "profiles", "seed", "arch", "allow_partial", "precision")
+    open_keys = inspect.signature(open_run).parameters.keys()  # the run's identity, as the jobs will open it
     setup = open_run(ckpt, echo=echo, **{k: v for k, v in suite_kwargs.items() if k in open_keys})
     run_dir = setup.run_dir
     # the jobs re-open this very run: same id and label whatever they resolve to on their node
