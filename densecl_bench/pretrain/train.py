@@ -42,10 +42,16 @@ LOADERS = ("cpu", "gpu")
 OPERATIONAL_KEYS = ("_config", "log_interval", "checkpoint_interval", "keep_checkpoints")
 
 
-def _get(cfg: dict[str, Any], dotted: str, types: type | tuple[type, ...]) -> Any:
+_REQUIRED = object()
+
+
+def _get(cfg: dict[str, Any], dotted: str, types: type | tuple[type, ...], default: Any = _REQUIRED) -> Any:
+    """The value at `dotted`, type-checked; a missing key fails unless a `default` is given."""
     node: Any = cfg
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
+            if default is not _REQUIRED:
+                return default
             raise ConfigError(f"pretrain config {cfg.get('_config', '?')}: missing key {dotted!r}")
         node = node[part]
     if isinstance(node, bool) and types in (int, float, (int, float)) or not isinstance(node, types):
@@ -63,8 +69,7 @@ def build_model(cfg: dict[str, Any]) -> DenseCL:
         momentum=float(_get(cfg, "model.momentum", (int, float))),
         temperature=float(_get(cfg, "model.temperature", (int, float))),
         loss_lambda=float(_get(cfg, "model.loss_lambda", (int, float))),
-        zero_init_residual=_get({**cfg, "model": {"zero_init_residual": False, **cfg["model"]}},
-                                "model.zero_init_residual", bool),
+        zero_init_residual=_get(cfg, "model.zero_init_residual", bool, default=False),
     )
 
 
